@@ -1,0 +1,130 @@
+"""Commands the edge sends to the processor, and the PSP results the processor sends itself.
+
+Frozen dataclasses with `encode()`/`decode()`; anything that does not decode into one of them
+raises CommandDecodeError, and the processor dead-letters it instead of retrying.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+
+
+class CommandDecodeError(ValueError):
+    """A message body that is not a well-formed command."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Command:
+    TYPE: ClassVar[str] = ""
+
+    account_id: str
+    intent_id: str
+    request_id: str
+    accepted_at: int
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"type": self.TYPE, **dataclasses.asdict(self)})
+
+    @property
+    def message_id(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientCommand(Command):
+    """A command accepted from a client POST, deduplicated by its Idempotency-Key."""
+
+    idempotency_key: str
+    fingerprint: str
+
+    @property
+    def message_id(self) -> str:
+        return f"{self.account_id}/{self.fingerprint[:16]}/{self.idempotency_key}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateIntent(ClientCommand):
+    TYPE: ClassVar[str] = "payment_intent.create"
+
+    amount: int
+    currency: str
+    customer: str | None = None
+    description: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    payment_method: str | None = None
+    confirm: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfirmIntent(ClientCommand):
+    TYPE: ClassVar[str] = "payment_intent.confirm"
+
+    payment_method: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApplyPSPResult(Command):
+    """The PSP's final answer for one attempt, applied on the intent's partition."""
+
+    TYPE: ClassVar[str] = "payment_intent.psp_result"
+
+    attempt_id: str
+    succeeded: bool
+    authorization_code: str | None = None
+    failure_code: str | None = None
+    decline_code: str | None = None
+    failure_message: str | None = None
+
+    @property
+    def message_id(self) -> str:
+        return f"{self.attempt_id}/result"
+
+
+COMMANDS: dict[str, type[Command]] = {
+    cls.TYPE: cls for cls in (CreateIntent, ConfirmIntent, ApplyPSPResult)
+}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _matches(k, key_type) and _matches(v, value_type) for k, v in value.items()
+        )
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def decode(body: bytes) -> Command:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise CommandDecodeError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CommandDecodeError("not a JSON object")
+    cls = COMMANDS.get(data.pop("type", None))
+    if cls is None:
+        raise CommandDecodeError("unknown command type")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if unknown := set(data) - names:
+        raise CommandDecodeError(f"unknown fields {sorted(unknown)}")
+    for name, value in data.items():
+        if not _matches(value, hints[name]):
+            raise CommandDecodeError(f"field {name} has the wrong type")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise CommandDecodeError(str(exc)) from None

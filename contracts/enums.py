@@ -1,0 +1,30 @@
+"""String enums mirrored by the Postgres enums and CHECKs in ops/migrations."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class IntentStatus(StrEnum):
+    REQUIRES_PAYMENT_METHOD = "requires_payment_method"
+    REQUIRES_CONFIRMATION = "requires_confirmation"
+    REQUIRES_ACTION = "requires_action"
+    PROCESSING = "processing"
+    REQUIRES_CAPTURE = "requires_capture"
+    SUCCEEDED = "succeeded"
+    CANCELED = "canceled"
+
+
+class ChargeStatus(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class EventType(StrEnum):
+    INTENT_CREATED = "payment_intent.created"
+    INTENT_PROCESSING = "payment_intent.processing"
+    INTENT_SUCCEEDED = "payment_intent.succeeded"
+    INTENT_PAYMENT_FAILED = "payment_intent.payment_failed"
+    CHARGE_SUCCEEDED = "charge.succeeded"
+    CHARGE_FAILED = "charge.failed"

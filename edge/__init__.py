@@ -1,0 +1,1 @@
+"""The HTTP edge: authenticates, validates, deduplicates, publishes commands, answers reads."""

@@ -1,0 +1,159 @@
+"""The edge process: `create_app(settings)` builds the aiohttp app; every connection it uses
+is opened and closed by a cleanup context."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aio_pika
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from contracts.errors import (
+    MethodNotAllowed,
+    PayloadTooLarge,
+    PayonceError,
+    ResourceMissing,
+    ServiceUnavailable,
+)
+from contracts.pending import PendingCommands
+from contracts.topology import CommandPublisher, Topology, declare
+from edge import metrics
+from edge.auth import KeyCache, key_from_header
+from edge.idempotency import IdempotencyStore
+from edge.intents import json_response, routes
+from edge.keys import (
+    ACCOUNT_ID,
+    AMQP,
+    DB,
+    IDEMPOTENCY,
+    KEY_CACHE,
+    PENDING,
+    PUBLISHER,
+    REDIS,
+    REQUEST_ID,
+    SETTINGS,
+)
+from ops.logs import bound
+from ops.postgres import create_pool
+from ops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(error: PayonceError, request_id: str) -> web.Response:
+    return json_response(error.body(), status=error.status,
+                         headers={**error.headers, "Request-Id": request_id})
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, Stripe-shaped errors for everything, one log line and metric per request."""
+    request_id = request.headers.get("X-Request-Id") or f"req_{secrets.token_hex(8)}"
+    request_id = request_id[:64]
+    request[REQUEST_ID] = request_id
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    started = time.perf_counter()
+    with bound(request_id=request_id):
+        try:
+            response = await handler(request)
+            response.headers["Request-Id"] = request_id
+        except PayonceError as exc:
+            response = error_response(exc, request_id)
+        except web.HTTPRequestEntityTooLarge:
+            response = error_response(PayloadTooLarge(
+                f"The request body is larger than {request.app[SETTINGS].max_body_bytes} bytes."),
+                request_id)
+        except web.HTTPNotFound:
+            response = error_response(ResourceMissing(
+                f"Unrecognized request URL ({request.method}: {request.path[:200]})."), request_id)
+        except web.HTTPMethodNotAllowed:
+            response = error_response(MethodNotAllowed(
+                f"{request.method} is not allowed on {request.path[:200]}."), request_id)
+        except (asyncpg.PostgresConnectionStatusError, asyncpg.InterfaceError, OSError,
+                RedisError) as exc:
+            metrics.DEPENDENCY_ERRORS.labels(type(exc).__module__.split(".")[0]).inc()
+            log.error("dependency failure", exc_info=exc)
+            response = error_response(ServiceUnavailable(
+                "payonce could not reach one of its services; retry the request.",
+                headers={"Stripe-Should-Retry": "true"}), request_id)
+        except Exception as exc:
+            log.exception("unhandled error", exc_info=exc)
+            response = error_response(PayonceError(
+                "An internal error occurred; it has been logged."), request_id)
+        elapsed = time.perf_counter() - started
+        metrics.REQUESTS.labels(route, request.method, str(response.status)).inc()
+        metrics.LATENCY.labels(route, request.method).observe(elapsed)
+        log.info("request", extra={"ids": {
+            "method": request.method, "path": request.path, "status": response.status,
+            "ms": round(elapsed * 1000, 1), "account": request.get(ACCOUNT_ID)}})
+        return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/v1/"):
+        key = key_from_header(request.headers.get("Authorization"))
+        account_id = await request.app[KEY_CACHE].account_for(request.app[DB], key)
+        request[ACCOUNT_ID] = account_id
+        with bound(account=account_id):
+            return await handler(request)
+    return await handler(request)
+
+
+async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+    pool = await create_pool(app[SETTINGS].database_url, min_size=2, max_size=20)
+    app[DB] = pool
+    yield
+    await pool.close()
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    app[REDIS] = client
+    app[IDEMPOTENCY] = IdempotencyStore(
+        client, ttl_s=settings.idempotency_ttl_s, lock_ms=settings.idempotency_lock_ms)
+    app[PENDING] = PendingCommands(client, ttl_s=settings.pending_ttl_s)
+    yield
+    await client.aclose()
+
+
+async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    topology = Topology(settings.amqp_prefix, settings.partitions)
+    connection = await aio_pika.connect_robust(settings.amqp_url, client_properties={
+        "connection_name": "payonce-edge"})
+    channel = await connection.channel(publisher_confirms=True)
+    await declare(channel, topology)
+    app[AMQP] = connection
+    app[PUBLISHER] = CommandPublisher(channel, topology, settings.publish_timeout_s)
+    yield
+    await connection.close()
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(settings: Settings) -> web.Application:
+    settings.secret_bytes  # noqa: B018  (fails early with a clear message when unset)
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[KEY_CACHE] = KeyCache()
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, amqp_ctx])
+    app.router.add_routes(routes)
+    app.router.add_get("/metrics", metrics_view)
+    return app

@@ -1,0 +1,62 @@
+"""API key authentication: `Authorization: Bearer sk_…`, or HTTP Basic with the key as the
+user name (as Stripe accepts). Keys are looked up by their SHA-256 digest."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import Any
+
+from contracts.errors import AuthenticationFailed
+from ops import accounts
+
+# A key's account is cached this long; a revoked key keeps working at most this long.
+CACHE_TTL_S = 30.0
+CACHE_MAX = 10_000
+
+
+def key_from_header(header: str | None) -> str:
+    if not header:
+        raise AuthenticationFailed(
+            "You did not provide an API key. Provide it in the Authorization header as "
+            "'Bearer YOUR_SECRET_KEY'.", code="api_key_missing")
+    scheme, _, value = header.partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and value:
+        return value
+    if scheme.lower() == "basic" and value:
+        try:
+            user = base64.b64decode(value, validate=True).decode().partition(":")[0]
+        except (binascii.Error, UnicodeDecodeError):
+            user = ""
+        if user:
+            return user
+    raise AuthenticationFailed("Invalid Authorization header: use 'Bearer YOUR_SECRET_KEY'.")
+
+
+def _redacted(key: str) -> str:
+    return f"{key[:8]}***{key[-4:]}" if len(key) > 12 else "***"
+
+
+class KeyCache:
+    def __init__(self) -> None:
+        self._entries: dict[bytes, tuple[float, str, str]] = {}
+
+    async def account_for(self, db: Any, key: str) -> str:
+        digest = accounts.key_hash(key)
+        now = time.monotonic()
+        entry = self._entries.get(digest)
+        if entry is None or entry[0] < now:
+            found = await accounts.find_key(db, key)
+            if found is None:
+                raise AuthenticationFailed(f"Invalid API Key provided: {_redacted(key)}")
+            if len(self._entries) >= CACHE_MAX:
+                self._entries.clear()
+            entry = (now + CACHE_TTL_S, *found)
+            self._entries[digest] = entry
+        _, account_id, kind = entry
+        if kind != "secret":
+            raise AuthenticationFailed("This API call cannot be made with a publishable API key. "
+                                       "Use a secret API key.", code="secret_key_required")
+        return account_id

@@ -1,0 +1,348 @@
+"""PaymentIntent routes: accept commands (202) and answer reads (200, 425, 404)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from contracts import ids, objects
+from contracts.commands import ClientCommand, ConfirmIntent, CreateIntent
+from contracts.enums import IntentStatus
+from contracts.errors import (
+    IdempotencyKeyInUse,
+    IdempotencyMismatch,
+    InvalidRequest,
+    PayloadTooLarge,
+    ResourceMissing,
+    ServiceUnavailable,
+    TooEarly,
+)
+from contracts.topology import PublishFailed
+from contracts.transitions import Action, next_status
+from edge import metrics, params
+from edge.idempotency import Claim, check_key, fingerprint, mismatch
+from edge.keys import (
+    ACCOUNT_ID,
+    AMQP,
+    DB,
+    IDEMPOTENCY,
+    PENDING,
+    PUBLISHER,
+    REDIS,
+    REQUEST_ID,
+    SETTINGS,
+)
+from ops import failpoints
+from ops.logs import bound
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+FETCH_INTENT = "SELECT * FROM payment_intents WHERE id = $1 AND account_id = $2"
+FETCH_CHARGE = "SELECT * FROM charges WHERE id = $1 AND account_id = $2"
+FETCH_INBOX = """
+SELECT fingerprint, object_id FROM inbox WHERE account_id = $1 AND idempotency_key = $2
+"""
+APPLIED_KEYS = """
+SELECT idempotency_key FROM inbox WHERE account_id = $1 AND idempotency_key = ANY($2::text[])
+"""
+
+# Clients polling a 425 come back after this many seconds; most commands apply within it.
+RETRY_AFTER_S = "1"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(obj), status=status, content_type="application/json", headers=headers
+    )
+
+
+async def read_params(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].max_body_bytes
+        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.") from None
+    if not body.strip():
+        return {}
+    ctype = request.content_type
+    if ctype == "application/json":
+        return params.parse_json(body)
+    if ctype == "application/x-www-form-urlencoded":
+        try:
+            text = body.decode(request.charset or "utf-8")
+        except (UnicodeDecodeError, LookupError):
+            raise InvalidRequest("The request body is not valid UTF-8.") from None
+        return params.parse_form(text)
+    raise InvalidRequest(
+        f"Unsupported Content-Type {ctype!r}: send application/x-www-form-urlencoded or "
+        "application/json.", code="invalid_content_type")
+
+
+async def idempotent(
+    request: web.Request, key: str, fp: str, execute: Callable[[], Awaitable[Outcome]]
+) -> web.Response:
+    """Run `execute` once per (account, Idempotency-Key); replay its answer to retries.
+
+    Only successful answers are stored: an error releases the key, so a corrected or later
+    retry of the same request runs again (the processor's inbox still dedupes the command).
+    """
+    store = request.app[IDEMPOTENCY]
+    account_id = request[ACCOUNT_ID]
+    try:
+        claimed = await store.claim(account_id, key, fp)
+    except RedisError as exc:
+        metrics.DEPENDENCY_ERRORS.labels("redis").inc()
+        raise unavailable("redis", exc) from exc
+    except IdempotencyMismatch:
+        metrics.IDEMPOTENCY.labels("mismatch").inc()
+        raise
+    except IdempotencyKeyInUse:
+        metrics.IDEMPOTENCY.labels("in_use").inc()
+        raise
+    if not isinstance(claimed, Claim):
+        metrics.IDEMPOTENCY.labels("replayed").inc()
+        return web.Response(body=claimed.body, status=claimed.status,
+                            content_type="application/json",
+                            headers={"Idempotent-Replayed": "true"})
+    try:
+        outcome = await execute()
+    except BaseException:
+        try:
+            await store.release(claimed)
+        except RedisError:
+            log.warning("could not release idempotency key; it frees itself when its lock expires")
+        raise
+    try:
+        await store.finish(claimed, fp, outcome.status, outcome.body)
+    except RedisError:
+        metrics.DEPENDENCY_ERRORS.labels("redis").inc()
+        log.warning("could not store the response; a retry is answered from Postgres")
+    metrics.IDEMPOTENCY.labels("new").inc()
+    return web.Response(body=outcome.body, status=outcome.status,
+                        content_type="application/json", headers=outcome.headers)
+
+
+def unavailable(dependency: str, exc: BaseException) -> ServiceUnavailable:
+    log.error("dependency unavailable", extra={"ids": {"dependency": dependency,
+                                                       "error": f"{type(exc).__name__}: {exc}"}})
+    return ServiceUnavailable(
+        "payonce could not reach one of its services; nothing was done. Retry with the same "
+        "Idempotency-Key.", headers={"Stripe-Should-Retry": "true"})
+
+
+async def applied_before(request: web.Request, key: str, fp: str, intent_id: str) -> Outcome | None:
+    """The answer for a key Postgres remembers and Redis forgot (flushed, or the edge died
+    between publishing and storing): the intent as it is now, marked as a replay."""
+    db = request.app[DB]
+    row = await db.fetchrow(FETCH_INBOX, request[ACCOUNT_ID], key)
+    if row is None:
+        return None
+    if row["fingerprint"] != fp:
+        raise mismatch(key)
+    intent = await db.fetchrow(FETCH_INTENT, row["object_id"] or intent_id, request[ACCOUNT_ID])
+    if intent is None:
+        return None
+    metrics.IDEMPOTENCY.labels("replayed_from_postgres").inc()
+    body = orjson.dumps(objects.payment_intent(intent, request.app[SETTINGS].secret_bytes))
+    return Outcome(202, body, {"Idempotent-Replayed": "true"})
+
+
+async def accept(request: web.Request, command: ClientCommand, projected: dict[str, Any]) -> Outcome:
+    """Record the command as pending, publish it and wait for RabbitMQ's confirm: a 202 is
+    only ever answered for a command that is durably queued."""
+    app = request.app
+    pending = app[PENDING]
+    account_id, intent_id, key = command.account_id, command.intent_id, command.idempotency_key
+    try:
+        await pending.add(account_id, intent_id, key, projected)
+    except RedisError as exc:
+        raise unavailable("redis", exc) from exc
+    try:
+        await app[PUBLISHER].publish(command)
+    except PublishFailed as exc:
+        metrics.PUBLISHES.labels(command.TYPE, "failed").inc()
+        try:
+            await pending.remove(account_id, intent_id, key)
+        except RedisError:
+            log.warning("could not remove the pending marker of an unpublished command")
+        raise unavailable("rabbitmq", exc) from exc
+    metrics.PUBLISHES.labels(command.TYPE, "confirmed").inc()
+    failpoints.hit("edge.after_publish")
+    log.info("command accepted", extra={"ids": {"command": command.TYPE,
+                                                "message_id": command.message_id}})
+    return Outcome(202, orjson.dumps(projected))
+
+
+@routes.post("/v1/payment_intents")
+async def create_intent(request: web.Request) -> web.Response:
+    key = check_key(request.headers.get("Idempotency-Key"))
+    values = params.create_intent(await read_params(request))
+    fp = fingerprint("POST", "/v1/payment_intents", values)
+    settings = request.app[SETTINGS]
+    account_id = request[ACCOUNT_ID]
+    intent_id = ids.intent_id(settings.secret_bytes, account_id, key)
+
+    async def execute() -> Outcome:
+        replay = await applied_before(request, key, fp, intent_id)
+        if replay is not None:
+            return replay
+        if values["confirm"]:
+            status = IntentStatus.PROCESSING
+        elif values["payment_method"]:
+            status = IntentStatus.REQUIRES_CONFIRMATION
+        else:
+            status = IntentStatus.REQUIRES_PAYMENT_METHOD
+        now = int(time.time())
+        command = CreateIntent(
+            account_id=account_id, intent_id=intent_id, request_id=request[REQUEST_ID],
+            accepted_at=now, idempotency_key=key, fingerprint=fp, **values)
+        projected = objects.payment_intent(
+            {**values, "id": intent_id, "status": status, "created": now}, settings.secret_bytes)
+        return await accept(request, command, projected)
+
+    with bound(intent=intent_id):
+        return await idempotent(request, key, fp, execute)
+
+
+async def current_view(request: web.Request, intent_id: str) -> tuple[dict[str, Any] | None, Any, list[dict[str, Any]]]:
+    """(the intent as the client will see it once every accepted command is applied, its
+    Postgres row, the objects of the accepted commands not applied yet).
+
+    The pending commands are read before the row: a command applied in between then shows
+    in the row and is dropped from the pending list by the inbox check, never lost between.
+    """
+    app = request.app
+    account_id = request[ACCOUNT_ID]
+    try:
+        pending = await app[PENDING].all(account_id, intent_id)
+    except RedisError as exc:
+        raise unavailable("redis", exc) from exc
+    db = app[DB]
+    row = await db.fetchrow(FETCH_INTENT, intent_id, account_id)
+    if pending:
+        applied = {r["idempotency_key"] for r in
+                   await db.fetch(APPLIED_KEYS, account_id, [k for k, _ in pending])}
+        for key in applied:
+            await app[PENDING].remove(account_id, intent_id, key)
+        pending = [(k, obj) for k, obj in pending if k not in applied]
+    unapplied = [obj for _, obj in pending]
+    if unapplied:
+        return unapplied[-1], row, unapplied
+    if row is not None:
+        return objects.payment_intent(row, app[SETTINGS].secret_bytes), row, []
+    return None, None, []
+
+
+def no_such_intent(intent_id: str) -> ResourceMissing:
+    return ResourceMissing(f"No such payment_intent: '{intent_id[:64]}'", param="intent")
+
+
+@routes.post("/v1/payment_intents/{id}/confirm")
+async def confirm_intent(request: web.Request) -> web.Response:
+    intent_id = request.match_info["id"]
+    key = check_key(request.headers.get("Idempotency-Key"))
+    values = params.confirm_intent(await read_params(request))
+    fp = fingerprint("POST", f"/v1/payment_intents/{intent_id}/confirm", values)
+    account_id = request[ACCOUNT_ID]
+
+    async def execute() -> Outcome:
+        replay = await applied_before(request, key, fp, intent_id)
+        if replay is not None:
+            return replay
+        current, _, _ = await current_view(request, intent_id)
+        if current is None:
+            raise no_such_intent(intent_id)
+        status = next_status(Action.CONFIRM, IntentStatus(current["status"]))
+        payment_method = values["payment_method"] or current["payment_method"]
+        if payment_method is None:
+            raise InvalidRequest(
+                "You cannot confirm this PaymentIntent because it's missing a payment method. "
+                "Pass payment_method.", code="payment_intent_unexpected_state",
+                param="payment_method")
+        command = ConfirmIntent(
+            account_id=account_id, intent_id=intent_id, request_id=request[REQUEST_ID],
+            accepted_at=int(time.time()), idempotency_key=key, fingerprint=fp,
+            payment_method=values["payment_method"])
+        projected = {**current, "status": status, "payment_method": payment_method,
+                     "last_payment_error": None}
+        return await accept(request, command, projected)
+
+    with bound(intent=intent_id):
+        return await idempotent(request, key, fp, execute)
+
+
+def too_early(what: str) -> TooEarly:
+    return TooEarly(f"The {what} is not ready yet; retry after a moment.",
+                    headers={"Retry-After": RETRY_AFTER_S})
+
+
+@routes.get("/v1/payment_intents/{id}")
+async def retrieve_intent(request: web.Request) -> web.Response:
+    intent_id = request.match_info["id"]
+    params.validate(request.query, {})
+    with bound(intent=intent_id):
+        _, row, unapplied = await current_view(request, intent_id)
+        if row is not None:
+            return json_response(objects.payment_intent(row, request.app[SETTINGS].secret_bytes))
+        if unapplied:
+            raise too_early("payment_intent")
+        raise no_such_intent(intent_id)
+
+
+@routes.get("/v1/payment_intents/{id}/charge")
+async def retrieve_charge(request: web.Request) -> web.Response:
+    """The outcome of the latest payment attempt: 425 until it is known."""
+    intent_id = request.match_info["id"]
+    params.validate(request.query, {})
+    with bound(intent=intent_id):
+        _, row, unapplied = await current_view(request, intent_id)
+        if row is None and not unapplied:
+            raise no_such_intent(intent_id)
+        if unapplied or row["status"] == IntentStatus.PROCESSING:
+            raise too_early("charge of this payment_intent")
+        if row["latest_charge"] is None:
+            raise ResourceMissing(f"The payment_intent '{intent_id}' has no charge yet; "
+                                  "confirm it first.", param="intent")
+        charge = await request.app[DB].fetchrow(FETCH_CHARGE, row["latest_charge"],
+                                                request[ACCOUNT_ID])
+        return json_response(objects.charge(charge))
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    app = request.app
+    checks: dict[str, str] = {}
+    try:
+        await app[DB].fetchval("SELECT 1")
+        checks["postgres"] = "ok"
+    except Exception as exc:
+        checks["postgres"] = f"{type(exc).__name__}"
+    try:
+        await app[REDIS].ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"{type(exc).__name__}"
+    checks["rabbitmq"] = "ok" if not app[AMQP].is_closed else "closed"
+    ok = all(v == "ok" for v in checks.values())
+    return json_response({"status": "ok" if ok else "unavailable", "checks": checks},
+                         status=200 if ok else 503)

@@ -1,0 +1,28 @@
+"""Typed keys for everything the edge app and its requests carry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aio_pika
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from contracts.pending import PendingCommands
+from contracts.topology import CommandPublisher
+from edge.auth import KeyCache
+from edge.idempotency import IdempotencyStore
+from ops.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+DB = web.AppKey("db", Any)  # asyncpg.Pool (asyncpg ships no type hints)
+REDIS = web.AppKey("redis", aioredis.Redis)
+AMQP = web.AppKey("amqp", aio_pika.abc.AbstractRobustConnection)
+PUBLISHER = web.AppKey("publisher", CommandPublisher)
+IDEMPOTENCY = web.AppKey("idempotency", IdempotencyStore)
+PENDING = web.AppKey("pending", PendingCommands)
+KEY_CACHE = web.AppKey("key_cache", KeyCache)
+
+# Per-request values, set by the middlewares.
+REQUEST_ID = "payonce.request_id"
+ACCOUNT_ID = "payonce.account_id"

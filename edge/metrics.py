@@ -1,0 +1,20 @@
+"""The edge's Prometheus metrics."""
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter(
+    "payonce_edge_requests_total", "HTTP requests answered", ["route", "method", "status"]
+)
+LATENCY = Histogram(
+    "payonce_edge_request_seconds", "HTTP request latency", ["route", "method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+IDEMPOTENCY = Counter(
+    "payonce_edge_idempotency_total",
+    "Idempotency outcomes: new, replayed, replayed_from_postgres, in_use, mismatch",
+    ["outcome"],
+)
+PUBLISHES = Counter("payonce_edge_publishes_total", "Commands published", ["command", "outcome"])
+DEPENDENCY_ERRORS = Counter(
+    "payonce_edge_dependency_errors_total", "Redis/Postgres/RabbitMQ failures", ["dependency"]
+)

@@ -1,0 +1,223 @@
+"""Request parameters: Stripe's form encoding (`metadata[order]=42`, `expand[0]=x`) or JSON,
+parsed into one nested structure and validated per endpoint into canonical values.
+
+Canonical values are what the request fingerprint is computed over, so the same parameters
+sent as a form or as JSON are the same request.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+
+from contracts.currencies import CURRENCIES
+from contracts.errors import (
+    InvalidRequest,
+    ParameterInvalid,
+    ParameterMissing,
+    ParameterUnknown,
+    UnexpectedState,
+)
+
+MAX_AMOUNT = 99_999_999
+METADATA_MAX_KEYS = 50
+METADATA_KEY_MAX = 40
+METADATA_VALUE_MAX = 500
+
+_KEY = re.compile(r"([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+_INTEGER = re.compile(r"-?[0-9]+")
+_PAYMENT_METHOD = re.compile(r"pm_[0-9A-Za-z_]{1,200}")
+
+
+def parse_form(body: str) -> dict[str, Any]:
+    """`a[b][c]=v` into {"a": {"b": {"c": "v"}}}; `a[0]=x&a[1]=y` into {"a": ["x", "y"]}."""
+    try:
+        pairs = parse_qsl(body, keep_blank_values=True, strict_parsing=bool(body), errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The request body is not valid form encoding.") from None
+    root: dict[str, Any] = {}
+    for name, value in pairs:
+        match = _KEY.match(name)
+        if match is None:
+            raise InvalidRequest(f"Invalid parameter name: {name}.", param=name)
+        path = [match[1], *re.findall(r"\[([^\[\]]*)\]", match[2])]
+        node = root
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if part == "":
+                raise InvalidRequest(f"Invalid array syntax in {name}; use {path[0]}[0].", param=name)
+            if last:
+                if part in node:
+                    raise InvalidRequest(f"Received the parameter {name} twice.", param=name)
+                node[part] = value
+            else:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise InvalidRequest(f"Invalid hash: {name}.", param=name)
+                node = child
+    return {k: _lists(v) for k, v in root.items()}
+
+
+def _lists(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    value = {k: _lists(v) for k, v in value.items()}
+    if value and all(k.isdigit() for k in value):
+        return [value[k] for k in sorted(value, key=int)]
+    return value
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The JSON request body must be an object.")
+    return data
+
+
+# ---- field validators: (raw value, param name) -> canonical value --------------------------
+
+
+def _integer(value: Any, param: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ParameterInvalid(f"Invalid integer: {value!r}.", code="parameter_invalid_integer",
+                               param=param)
+    if isinstance(value, str):
+        if not _INTEGER.fullmatch(value):
+            raise ParameterInvalid(f"Invalid integer: {value[:50]}.",
+                                   code="parameter_invalid_integer", param=param)
+        value = int(value)
+    return value
+
+
+def amount(value: Any, param: str) -> int:
+    number = _integer(value, param)
+    if number < 1:
+        raise ParameterInvalid("Amount must be at least 1 in the currency's smallest unit.",
+                               code="amount_too_small", param=param)
+    if number > MAX_AMOUNT:
+        raise ParameterInvalid(f"Amount must be no more than {MAX_AMOUNT}.",
+                               code="amount_too_large", param=param)
+    return number
+
+
+def currency(value: Any, param: str) -> str:
+    code = value.lower() if isinstance(value, str) else None
+    if code not in CURRENCIES:
+        raise ParameterInvalid(f"Invalid currency: {str(value)[:20]}. Use a lowercase ISO 4217 "
+                               "code such as usd.", param=param)
+    return code
+
+
+def string(max_length: int) -> Callable[[Any, str], str]:
+    def check(value: Any, param: str) -> str:
+        if not isinstance(value, str):
+            raise ParameterInvalid(f"Invalid string: {param} must be a string.", param=param)
+        if len(value) > max_length:
+            raise ParameterInvalid(f"{param} must be at most {max_length} characters.",
+                                   param=param)
+        return value
+
+    return check
+
+
+def boolean(value: Any, param: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in ("true", "false"):
+        return value == "true"
+    raise ParameterInvalid(f"Invalid boolean: {str(value)[:20]}; use true or false.",
+                           code="parameter_invalid_boolean", param=param)
+
+
+def payment_method(value: Any, param: str) -> str:
+    if not isinstance(value, str) or not _PAYMENT_METHOD.fullmatch(value):
+        raise ParameterInvalid(f"No such PaymentMethod: '{str(value)[:60]}'.",
+                               code="resource_missing", param=param)
+    return value
+
+
+def metadata(value: Any, param: str) -> dict[str, str]:
+    if value == "":
+        return {}
+    if not isinstance(value, dict):
+        raise ParameterInvalid("Invalid metadata: it must be a hash of keys to strings.",
+                               param=param)
+    result: dict[str, str] = {}
+    for key, item in value.items():
+        name = f"{param}[{key}]"
+        if not isinstance(item, str | int | float) or isinstance(item, bool):
+            raise ParameterInvalid(f"Invalid value for {name}: metadata values are strings.",
+                                   param=name)
+        if len(key) > METADATA_KEY_MAX:
+            raise ParameterInvalid(f"Metadata keys can be at most {METADATA_KEY_MAX} characters.",
+                                   param=name)
+        text = str(item)
+        if len(text) > METADATA_VALUE_MAX:
+            raise ParameterInvalid(
+                f"Metadata values can be at most {METADATA_VALUE_MAX} characters.", param=name)
+        if text:
+            result[key] = text
+    if len(result) > METADATA_MAX_KEYS:
+        raise ParameterInvalid(f"Metadata can have at most {METADATA_MAX_KEYS} keys.", param=param)
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    check: Callable[[Any, str], Any]
+    required: bool = False
+
+
+def validate(raw: Mapping[str, Any], spec: Mapping[str, Field]) -> dict[str, Any]:
+    """Canonical parameters: every field of `spec`, None where not given.
+
+    An empty string unsets an optional parameter, as in Stripe's form encoding.
+    """
+    for name in raw:
+        if name not in spec:
+            raise ParameterUnknown(f"Received unknown parameter: {name}", param=name)
+    result: dict[str, Any] = {}
+    for name, field in spec.items():
+        value = raw.get(name)
+        if value is None or (value == "" and field.check is not metadata):
+            if field.required:
+                raise ParameterMissing(f"Missing required param: {name}.", param=name)
+            result[name] = None
+            continue
+        result[name] = field.check(value, name)
+    return result
+
+
+CREATE_INTENT = {
+    "amount": Field(amount, required=True),
+    "currency": Field(currency, required=True),
+    "customer": Field(string(255)),
+    "description": Field(string(1000)),
+    "metadata": Field(metadata),
+    "payment_method": Field(payment_method),
+    "confirm": Field(boolean),
+}
+
+CONFIRM_INTENT = {"payment_method": Field(payment_method)}
+
+
+def create_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
+    params = validate(raw, CREATE_INTENT)
+    params["metadata"] = params["metadata"] or {}
+    params["confirm"] = bool(params["confirm"])
+    if params["confirm"] and params["payment_method"] is None:
+        raise UnexpectedState("You cannot confirm this PaymentIntent because it's missing a "
+                              "payment method.", param="payment_method")
+    return params
+
+
+def confirm_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return validate(raw, CONFIRM_INTENT)

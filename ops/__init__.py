@@ -1,0 +1,1 @@
+"""Running payonce: settings, logging, migrations, accounts, the CLI and local services."""

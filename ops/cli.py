@@ -1,0 +1,164 @@
+"""`payonce`: the one command line of the project."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from ops import logs
+from ops.accounts import create_account
+from ops.migrate import migrate
+from ops.settings import Settings, SettingsError
+
+log = logging.getLogger("payonce")
+
+# In-flight HTTP requests get this long to finish when the edge is stopped.
+EDGE_SHUTDOWN_S = 15.0
+
+
+async def serve(settings: Settings, *, edge: bool, processor: bool) -> None:
+    """Run the edge and/or the processor until SIGINT or SIGTERM, then stop gracefully:
+    the edge stops accepting and finishes its requests, the processor finishes its commands."""
+    from edge.app import create_app
+    from processor.app import Processor
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    worker = Processor(settings) if processor else None
+    runner: web.AppRunner | None = None
+    if worker is not None:
+        await worker.start()
+    if edge:
+        runner = web.AppRunner(create_app(settings), access_log=None,
+                               shutdown_timeout=EDGE_SHUTDOWN_S)
+        await runner.setup()
+        await web.TCPSite(runner, settings.edge_host, settings.edge_port).start()
+        log.info("edge listening", extra={"ids": {"port": settings.edge_port}})
+    await stop.wait()
+    log.info("stopping")
+    if runner is not None:
+        await runner.cleanup()
+    if worker is not None:
+        await worker.stop()
+
+
+async def _create_account(settings: Settings, name: str) -> dict[str, str]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await create_account(conn, name)
+    finally:
+        await conn.close()
+
+
+async def _account_exists(settings: Settings, account_id: str) -> bool:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id))
+    finally:
+        await conn.close()
+
+
+def _dev_state(path: Path) -> dict[str, Any]:
+    return orjson.loads(path.read_bytes()) if path.exists() else {}
+
+
+async def dev(settings: Settings, state_file: Path) -> None:
+    """Everything in one process for a developer: migrations, a dev account (made once and
+    kept in a git-ignored file, since the database only keeps its key's digest), edge and
+    processor."""
+    state = _dev_state(state_file)
+    if not settings.secret:
+        state.setdefault("secret", secrets.token_urlsafe(32))
+        settings = settings.with_(secret=state["secret"])
+    await migrate(settings.database_url)
+    account = state.get("account")
+    if not account or not await _account_exists(settings, account["account"]):
+        account = await _create_account(settings, "dev")
+        state["account"] = account
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
+    state_file.chmod(0o600)
+    base = f"http://127.0.0.1:{settings.edge_port}"
+    print(f"""
+payonce is starting: edge on {base}, processor with {settings.partitions} partitions.
+Dev account {account["account"]} (kept in {state_file})
+  secret key:       {account["secret_key"]}
+  publishable key:  {account["publishable_key"]}
+
+Try it:
+  curl -s {base}/v1/payment_intents -u {account["secret_key"]}: \\
+    -H "Idempotency-Key: $(date +%s%N)" \\
+    -d amount=2000 -d currency=usd -d payment_method=pm_card_visa -d confirm=true
+
+Ctrl-C stops it.
+""", flush=True)
+    await serve(settings, edge=True, processor=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="payonce",
+        description="payonce: an asynchronous, Stripe-compatible PaymentIntents API. "
+                    "Configured from PAYONCE_* environment variables (see README).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    edge = sub.add_parser("edge", help="run the HTTP edge")
+    edge.add_argument("--port", type=int, help="listen port (default PAYONCE_EDGE_PORT, 8080)")
+    edge.add_argument("--host", help="listen address (default PAYONCE_EDGE_HOST, 0.0.0.0)")
+    sub.add_parser("processor", help="run the processor (consumers, PSP attempts, outbox)")
+    sub.add_parser("migrate", help="apply database migrations")
+    account = sub.add_parser("account", help="manage accounts")
+    account_sub = account.add_subparsers(dest="account_command", required=True, metavar="ACTION")
+    create = account_sub.add_parser("create", help="create an account and print its API keys")
+    create.add_argument("--name", required=True, help="a name for the account")
+    dev_parser = sub.add_parser(
+        "dev", help="migrate, make a dev account once, run edge and processor together")
+    dev_parser.add_argument("--state-file", type=Path, default=Path(".data/dev.json"),
+                            help="where the dev account and secret are kept")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+        if getattr(args, "port", None):
+            settings = settings.with_(edge_port=args.port)
+        if getattr(args, "host", None):
+            settings = settings.with_(edge_host=args.host)
+        # A developer at a terminal reads text; everything else gets JSON lines.
+        human = args.command == "dev" and "PAYONCE_LOG_FORMAT" not in os.environ
+        logs.setup("text" if human else settings.log_format, settings.log_level)
+        if args.command in ("edge", "processor"):
+            settings.secret_bytes  # noqa: B018  (a clear error before anything starts)
+            asyncio.run(serve(settings, edge=args.command == "edge",
+                              processor=args.command == "processor"))
+        elif args.command == "migrate":
+            applied = asyncio.run(migrate(settings.database_url))
+            print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
+        elif args.command == "account":
+            print(orjson.dumps(asyncio.run(_create_account(settings, args.name))).decode())
+        elif args.command == "dev":
+            asyncio.run(dev(settings, args.state_file))
+    except SettingsError as exc:
+        print(f"payonce: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"payonce: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

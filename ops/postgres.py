@@ -1,0 +1,21 @@
+"""The asyncpg pool, with jsonb decoded by orjson."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import orjson
+
+
+async def _init(conn: Any) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda value: orjson.dumps(value).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> Any:
+    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init)

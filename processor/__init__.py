@@ -1,0 +1,1 @@
+"""The processor: applies commands to PaymentIntents in Postgres, calls the PSP, relays events."""

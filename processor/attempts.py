@@ -1,0 +1,210 @@
+"""PSP attempts, run off the intent's chain.
+
+A confirm commits `processing` and a pending attempt. The attempt is then run here, under a
+lease in Postgres: the PSP is called with the attempt's own idempotency key (retried with the
+same key on errors and timeouts, so the PSP charges at most once), the answer is stored on the
+attempt, and published as an ApplyPSPResult command on the intent's partition, where it is
+applied in order with anything else the client sent meanwhile. A processor that dies mid-way
+leaves the lease to expire; the sweeper of any processor then resumes the attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from contracts.commands import ApplyPSPResult
+from contracts.topology import CommandPublisher, PublishFailed
+from ops import failpoints
+from ops.logs import bound
+from ops.settings import Settings
+from processor import metrics
+from processor.intents import TRANSIENT_ERRORS
+from processor.psp import PSP, PSPRejected, PSPResult, PSPUnavailable
+
+log = logging.getLogger(__name__)
+
+CLAIM = """
+UPDATE payment_attempts
+SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
+WHERE id = $1 AND state = 'pending' AND next_try_at <= now()
+  AND (locked_until IS NULL OR locked_until < now())
+RETURNING *
+"""
+RENEW = """
+UPDATE payment_attempts
+SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
+WHERE id = $1
+"""
+STORE_RESULT = """
+UPDATE payment_attempts SET result = $2, updated_at = now() WHERE id = $1 AND result IS NULL
+"""
+FETCH_RESULT = "SELECT result FROM payment_attempts WHERE id = $1"
+REPORTED = """
+UPDATE payment_attempts SET state = 'reported', locked_until = NULL, updated_at = now()
+WHERE id = $1 AND state = 'pending'
+"""
+RETRY_LATER = """
+UPDATE payment_attempts
+SET locked_until = NULL, next_try_at = now() + make_interval(secs => $2), updated_at = now()
+WHERE id = $1
+"""
+RELEASE = "UPDATE payment_attempts SET locked_until = NULL WHERE id = $1 AND state = 'pending'"
+DUE = """
+SELECT id FROM payment_attempts
+WHERE state = 'pending' AND next_try_at <= now()
+  AND (locked_until IS NULL OR locked_until < now())
+ORDER BY next_try_at
+LIMIT $1
+"""
+
+# Retries with the same key inside one claim, spaced by 0.2 s doubling to at most 5 s.
+BACKOFF_START_S = 0.2
+BACKOFF_MAX_S = 5.0
+SWEEP_BATCH = 500
+
+
+class AttemptRunner:
+    def __init__(
+        self, pool: Any, psp: PSP, publisher: CommandPublisher, settings: Settings
+    ) -> None:
+        self._pool = pool
+        self._psp = psp
+        self._publisher = publisher
+        self._settings = settings
+        self._slots = asyncio.Semaphore(settings.psp_concurrency)
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+
+    def kick(self, attempt_ids: list[str]) -> None:
+        for attempt_id in attempt_ids:
+            if self._stopping or attempt_id in self._running:
+                continue
+            task = asyncio.create_task(self._run(attempt_id))
+            self._running[attempt_id] = task
+            task.add_done_callback(lambda _, a=attempt_id: self._running.pop(a, None))
+
+    async def _run(self, attempt_id: str) -> None:
+        async with self._slots:
+            if self._stopping:
+                return
+            try:
+                attempt = await self._pool.fetchrow(CLAIM, attempt_id, self._settings.psp_lease_s)
+                if attempt is None:
+                    return
+                with bound(request_id=attempt["request_id"], account=attempt["account_id"],
+                           intent=attempt["payment_intent_id"], attempt=attempt_id):
+                    await self._settle(attempt)
+            except TRANSIENT_ERRORS as exc:
+                metrics.TRANSIENT_FAILURES.labels("attempt").inc()
+                log.warning("attempt interrupted; the sweeper resumes it",
+                            extra={"ids": {"attempt": attempt_id, "error": repr(exc)}})
+            except Exception:
+                log.exception("attempt failed; the sweeper resumes it",
+                              extra={"ids": {"attempt": attempt_id}})
+
+    async def _settle(self, attempt: Any) -> None:
+        attempt_id = attempt["id"]
+        stored = attempt["result"]
+        result = PSPResult.from_json(stored) if stored else await self._call_psp(attempt)
+        if result is None:
+            return
+        failpoints.hit("processor.after_psp_call")
+        if stored is None:
+            await self._pool.execute(STORE_RESULT, attempt_id, result.to_json())
+            # A concurrent runner may have stored first; report the stored one either way.
+            result = PSPResult.from_json(await self._pool.fetchval(FETCH_RESULT, attempt_id))
+        command = ApplyPSPResult(
+            account_id=attempt["account_id"], intent_id=attempt["payment_intent_id"],
+            request_id=attempt["request_id"] or "", accepted_at=int(time.time()),
+            attempt_id=attempt_id, **result.to_json())
+        try:
+            await self._publisher.publish(command)
+        except PublishFailed as exc:
+            log.warning("could not publish psp result; retrying", extra={"ids": {"error": str(exc)}})
+            await self._pool.execute(RETRY_LATER, attempt_id, 1.0)
+            return
+        await self._pool.execute(REPORTED, attempt_id)
+        log.info("psp result reported", extra={"ids": {"succeeded": result.succeeded}})
+
+    async def _call_psp(self, attempt: Any) -> PSPResult | None:
+        """The PSP's answer, or None to try again later."""
+        s = self._settings
+        delay = BACKOFF_START_S
+        for try_number in range(attempt["tries"], s.psp_max_tries + 1):
+            metrics.PSP_IN_FLIGHT.inc()
+            try:
+                async with asyncio.timeout(s.psp_timeout_s):
+                    result = await self._psp.charge(
+                        attempt["psp_key"], amount=attempt["amount"],
+                        currency=attempt["currency"], payment_method=attempt["payment_method"])
+            except TimeoutError:
+                metrics.PSP_CALLS.labels("timeout").inc()
+                log.warning("psp timed out; retrying with the same key",
+                            extra={"ids": {"try": try_number}})
+            except PSPUnavailable as exc:
+                metrics.PSP_CALLS.labels("unavailable").inc()
+                log.warning("psp unavailable; retrying", extra={"ids": {"error": str(exc)}})
+            except PSPRejected as exc:
+                metrics.PSP_CALLS.labels("rejected").inc()
+                log.error("psp rejected the request", extra={"ids": {"error": str(exc)}})
+                return _processing_error()
+            else:
+                metrics.PSP_CALLS.labels("succeeded" if result.succeeded else "declined").inc()
+                return result
+            finally:
+                metrics.PSP_IN_FLIGHT.dec()
+            if self._stopping:
+                await self._pool.execute(RELEASE, attempt["id"])
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+            await self._pool.execute(RENEW, attempt["id"], s.psp_lease_s)
+        return await self._give_up(attempt)
+
+    async def _give_up(self, attempt: Any) -> PSPResult | None:
+        """Out of tries: ask the PSP whether the charge exists. If it does, that is the answer;
+        if the PSP says it does not, no retry with this key is outstanding any more, so the
+        attempt fails cleanly and the intent goes back to requires_payment_method."""
+        try:
+            async with asyncio.timeout(self._settings.psp_timeout_s):
+                found = await self._psp.lookup(attempt["psp_key"])
+        except (TimeoutError, PSPUnavailable):
+            log.warning("psp lookup failed; the attempt is retried later")
+            await self._pool.execute(RETRY_LATER, attempt["id"], BACKOFF_MAX_S)
+            return None
+        if found is not None:
+            return found
+        log.warning("psp has no charge for the attempt after every try; failing it")
+        return _processing_error()
+
+    async def sweep_forever(self) -> None:
+        """Resume attempts whose processor died or that are due for another try."""
+        while not self._stopping:
+            try:
+                rows = await self._pool.fetch(DUE, SWEEP_BATCH)
+                self.kick([r["id"] for r in rows])
+            except TRANSIENT_ERRORS as exc:
+                metrics.TRANSIENT_FAILURES.labels("sweeper").inc()
+                log.warning("sweep failed", extra={"ids": {"error": repr(exc)}})
+            await asyncio.sleep(self._settings.sweep_interval_s)
+
+    async def stop(self, grace_s: float) -> None:
+        """Let PSP calls under way finish (a call cut off is only retried later, with the same
+        key); attempts not finished in time keep their lease until it runs out."""
+        self._stopping = True
+        running = list(self._running.values())
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+
+
+def _processing_error() -> PSPResult:
+    return PSPResult(False, failure_code="processing_error", decline_code="processing_error",
+                     failure_message="An error occurred while processing your card. Try again "
+                                     "in a little bit.")

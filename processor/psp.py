@@ -1,0 +1,161 @@
+"""The PSP adapter, and the simulator behind it.
+
+The simulator behaves as a real PSP does for what payonce relies on: it keeps its own books
+(schema `psp`), dedupes on the idempotency key (a retry with the same key gets the first
+answer, never a second charge), answers after a network-like latency, and fails at
+configurable rates: declines, 5xx errors, and timeouts before or after it committed the charge.
+Stripe's test payment methods decide the outcome deterministically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from ops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PSPResult:
+    succeeded: bool
+    authorization_code: str | None = None
+    failure_code: str | None = None
+    decline_code: str | None = None
+    failure_message: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PSPResult:
+        return cls(**data)
+
+
+class PSPError(Exception):
+    """Base of the PSP adapter's errors."""
+
+
+class PSPUnavailable(PSPError):
+    """The PSP answered 5xx or could not be reached: nothing was charged, safe to retry."""
+
+
+class PSPTimeout(PSPError):
+    """No answer in time: the charge may or may not exist; retry with the same key."""
+
+
+class PSPRejected(PSPError):
+    """The PSP refused the request itself (4xx): retrying it cannot succeed."""
+
+
+class PSP(Protocol):
+    async def charge(
+        self, key: str, *, amount: int, currency: str, payment_method: str
+    ) -> PSPResult: ...
+
+    async def lookup(self, key: str) -> PSPResult | None: ...
+
+
+def _declined(code: str, decline: str, message: str) -> PSPResult:
+    return PSPResult(False, failure_code=code, decline_code=decline, failure_message=message)
+
+
+_DECLINED = "Your card was declined."
+TEST_PAYMENT_METHODS: dict[str, PSPResult | None] = {
+    "pm_card_visa": None,
+    "pm_card_mastercard": None,
+    "pm_card_amex": None,
+    "pm_card_visa_chargeDeclined": _declined("card_declined", "generic_decline", _DECLINED),
+    "pm_card_visa_chargeDeclinedInsufficientFunds": _declined(
+        "card_declined", "insufficient_funds", "Your card has insufficient funds."),
+    "pm_card_visa_chargeDeclinedLostCard": _declined("card_declined", "lost_card", _DECLINED),
+    "pm_card_visa_chargeDeclinedStolenCard": _declined("card_declined", "stolen_card", _DECLINED),
+    "pm_card_chargeDeclinedExpiredCard": _declined(
+        "expired_card", "expired_card", "Your card has expired."),
+    "pm_card_chargeDeclinedIncorrectCvc": _declined(
+        "incorrect_cvc", "incorrect_cvc", "Your card's security code is incorrect."),
+    "pm_card_chargeDeclinedProcessingError": _declined(
+        "processing_error", "processing_error",
+        "An error occurred while processing your card. Try again in a little bit."),
+    "pm_card_visa_chargeDeclinedVelocityLimitExceeded": _declined(
+        "card_declined", "card_velocity_exceeded",
+        "Your card was declined for making repeated attempts too frequently or exceeding its "
+        "amount limit."),
+}
+
+INSERT_CHARGE = """
+INSERT INTO psp.charges (idempotency_key, request_hash, amount, currency, payment_method,
+                         outcome, authorization_code, failure_code, decline_code, failure_message)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING idempotency_key
+"""
+FETCH_CHARGE = "SELECT * FROM psp.charges WHERE idempotency_key = $1"
+
+
+def _result(row: Any) -> PSPResult:
+    return PSPResult(
+        succeeded=row["outcome"] == "captured",
+        authorization_code=row["authorization_code"],
+        failure_code=row["failure_code"],
+        decline_code=row["decline_code"],
+        failure_message=row["failure_message"],
+    )
+
+
+class SimulatedPSP:
+    def __init__(self, pool: Any, settings: Settings, rng: random.Random | None = None) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._rng = rng or random.Random()
+
+    async def _latency(self) -> None:
+        low, high = self._settings.psp_latency_ms
+        await asyncio.sleep(self._rng.uniform(low, high) / 1000)
+
+    def _decide(self, payment_method: str) -> PSPResult:
+        if payment_method in TEST_PAYMENT_METHODS:
+            outcome = TEST_PAYMENT_METHODS[payment_method]
+        elif self._rng.random() < self._settings.psp_decline_rate:
+            outcome = _declined("card_declined", "generic_decline", _DECLINED)
+        else:
+            outcome = None
+        if outcome is not None:
+            return outcome
+        return PSPResult(True, authorization_code=f"{self._rng.randrange(10**6):06d}")
+
+    async def charge(
+        self, key: str, *, amount: int, currency: str, payment_method: str
+    ) -> PSPResult:
+        s = self._settings
+        await self._latency()
+        roll = self._rng.random()
+        if roll < s.psp_error_rate:
+            raise PSPUnavailable("PSP answered 503")
+        if roll < s.psp_error_rate + s.psp_timeout_rate:
+            await asyncio.Event().wait()  # never answers; the caller's timeout fires
+        request_hash = hashlib.sha256(f"{amount}:{currency}:{payment_method}".encode()).hexdigest()
+        decided = self._decide(payment_method)
+        async with self._pool.acquire() as conn:
+            inserted = await conn.fetchval(
+                INSERT_CHARGE, key, request_hash, amount, currency, payment_method,
+                "captured" if decided.succeeded else "declined", decided.authorization_code,
+                decided.failure_code, decided.decline_code, decided.failure_message)
+            row = await conn.fetchrow(FETCH_CHARGE, key)
+        if row["request_hash"] != request_hash:
+            raise PSPRejected("idempotency key reused with different parameters")
+        if inserted is None:
+            log.info("psp replayed a charge", extra={"ids": {"psp_key": key}})
+        if roll < s.psp_error_rate + s.psp_timeout_rate + s.psp_lost_reply_rate:
+            await asyncio.Event().wait()  # committed, but the reply is lost
+        return _result(row)
+
+    async def lookup(self, key: str) -> PSPResult | None:
+        await self._latency()
+        row = await self._pool.fetchrow(FETCH_CHARGE, key)
+        return None if row is None else _result(row)
