@@ -39,5 +39,10 @@ class PendingCommands:
     async def all(self, account_id: str, intent_id: str) -> list[tuple[str, dict[str, Any]]]:
         """(Idempotency-Key, object) of each pending command, oldest first."""
         raw = await self._redis.hgetall(redis_key(account_id, intent_id))
-        entries = sorted((orjson.loads(v), k.decode()) for k, v in raw.items())
+        entries = sorted(((orjson.loads(v), _text(k)) for k, v in raw.items()),
+                         key=lambda e: e[0]["at"])
         return [(key, entry["object"]) for entry, key in entries]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -65,7 +65,9 @@ class Outcome:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    obj: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=orjson.dumps(obj), status=status, content_type="application/json", headers=headers
     )
@@ -145,7 +147,9 @@ def unavailable(dependency: str, exc: BaseException) -> ServiceUnavailable:
         "Idempotency-Key.", headers={"Stripe-Should-Retry": "true"})
 
 
-async def applied_before(request: web.Request, key: str, fp: str, intent_id: str) -> Outcome | None:
+async def applied_before(
+    request: web.Request, key: str, fp: str, intent_id: str
+) -> Outcome | None:
     """The answer for a key Postgres remembers and Redis forgot (flushed, or the edge died
     between publishing and storing): the intent as it is now, marked as a replay."""
     db = request.app[DB]
@@ -162,7 +166,9 @@ async def applied_before(request: web.Request, key: str, fp: str, intent_id: str
     return Outcome(202, body, {"Idempotent-Replayed": "true"})
 
 
-async def accept(request: web.Request, command: ClientCommand, projected: dict[str, Any]) -> Outcome:
+async def accept(
+    request: web.Request, command: ClientCommand, projected: dict[str, Any]
+) -> Outcome:
     """Record the command as pending, publish it and wait for RabbitMQ's confirm: a 202 is
     only ever answered for a command that is durably queued."""
     app = request.app
@@ -219,7 +225,9 @@ async def create_intent(request: web.Request) -> web.Response:
         return await idempotent(request, key, fp, execute)
 
 
-async def current_view(request: web.Request, intent_id: str) -> tuple[dict[str, Any] | None, Any, list[dict[str, Any]]]:
+async def current_view(
+    request: web.Request, intent_id: str
+) -> tuple[dict[str, Any] | None, Any, list[dict[str, Any]]]:
     """(the intent as the client will see it once every accepted command is applied, its
     Postgres row, the objects of the accepted commands not applied yet).
 

@@ -15,7 +15,7 @@ from edge.idempotency import IdempotencyStore
 from ops.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
-DB = web.AppKey("db", Any)  # asyncpg.Pool (asyncpg ships no type hints)
+DB: web.AppKey[Any] = web.AppKey("db")  # an asyncpg.Pool; asyncpg ships no type hints
 REDIS = web.AppKey("redis", aioredis.Redis)
 AMQP = web.AppKey("amqp", aio_pika.abc.AbstractRobustConnection)
 PUBLISHER = web.AppKey("publisher", CommandPublisher)

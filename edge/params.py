@@ -50,7 +50,8 @@ def parse_form(body: str) -> dict[str, Any]:
         for depth, part in enumerate(path):
             last = depth == len(path) - 1
             if part == "":
-                raise InvalidRequest(f"Invalid array syntax in {name}; use {path[0]}[0].", param=name)
+                raise InvalidRequest(f"Invalid array syntax in {name}; use {path[0]}[0].",
+                                     param=name)
             if last:
                 if part in node:
                     raise InvalidRequest(f"Received the parameter {name} twice.", param=name)
@@ -93,7 +94,7 @@ def _integer(value: Any, param: str) -> int:
         if not _INTEGER.fullmatch(value):
             raise ParameterInvalid(f"Invalid integer: {value[:50]}.",
                                    code="parameter_invalid_integer", param=param)
-        value = int(value)
+        return int(value)
     return value
 
 
@@ -130,9 +131,9 @@ def string(max_length: int) -> Callable[[Any, str], str]:
 
 def boolean(value: Any, param: str) -> bool:
     if isinstance(value, bool):
-        return value
+        return value is True
     if value in ("true", "false"):
-        return value == "true"
+        return bool(value == "true")
     raise ParameterInvalid(f"Invalid boolean: {str(value)[:20]}; use true or false.",
                            code="parameter_invalid_boolean", param=param)
 

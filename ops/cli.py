@@ -75,6 +75,12 @@ def _dev_state(path: Path) -> dict[str, Any]:
     return orjson.loads(path.read_bytes()) if path.exists() else {}
 
 
+def _save_dev_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
+
+
 async def dev(settings: Settings, state_file: Path) -> None:
     """Everything in one process for a developer: migrations, a dev account (made once and
     kept in a git-ignored file, since the database only keeps its key's digest), edge and
@@ -88,9 +94,7 @@ async def dev(settings: Settings, state_file: Path) -> None:
     if not account or not await _account_exists(settings, account["account"]):
         account = await _create_account(settings, "dev")
         state["account"] = account
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
-    state_file.chmod(0o600)
+    _save_dev_state(state_file, state)
     base = f"http://127.0.0.1:{settings.edge_port}"
     print(f"""
 payonce is starting: edge on {base}, processor with {settings.partitions} partitions.

@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 def migration_files() -> list[tuple[str, str]]:
     folder = resources.files("ops") / "migrations"
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+    files = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name.removesuffix(".sql"), p.read_text()) for p in files]
 
 

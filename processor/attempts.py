@@ -11,6 +11,7 @@ leaves the lease to expire; the sweeper of any processor then resumes the attemp
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -84,7 +85,10 @@ class AttemptRunner:
                 continue
             task = asyncio.create_task(self._run(attempt_id))
             self._running[attempt_id] = task
-            task.add_done_callback(lambda _, a=attempt_id: self._running.pop(a, None))
+            task.add_done_callback(functools.partial(self._forget, attempt_id))
+
+    def _forget(self, attempt_id: str, _: asyncio.Task[None]) -> None:
+        self._running.pop(attempt_id, None)
 
     async def _run(self, attempt_id: str) -> None:
         async with self._slots:
@@ -123,7 +127,8 @@ class AttemptRunner:
         try:
             await self._publisher.publish(command)
         except PublishFailed as exc:
-            log.warning("could not publish psp result; retrying", extra={"ids": {"error": str(exc)}})
+            log.warning("could not publish psp result; retrying",
+                        extra={"ids": {"error": str(exc)}})
             await self._pool.execute(RETRY_LATER, attempt_id, 1.0)
             return
         await self._pool.execute(REPORTED, attempt_id)

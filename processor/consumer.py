@@ -55,16 +55,18 @@ class KeyedRunner:
         task.add_done_callback(forget)
 
     @staticmethod
-    async def _after(previous: asyncio.Task[None] | None, job: Callable[[], Awaitable[None]]) -> None:
+    async def _after(
+        previous: asyncio.Task[None] | None, job: Callable[[], Awaitable[None]]
+    ) -> None:
         if previous is not None:
             await asyncio.wait([previous])
         await job()
 
-    async def drain(self, timeout: float) -> bool:
+    async def drain(self, within_s: float) -> bool:
         tails = list(self._tails.values())
         if not tails:
             return True
-        _, pending = await asyncio.wait(tails, timeout=timeout)
+        _, pending = await asyncio.wait(tails, timeout=within_s)
         return not pending
 
     def cancel(self) -> None:
@@ -113,7 +115,9 @@ class PartitionConsumer:
             return
         self._runner.submit(command.intent_id, lambda: self._handle(message, command))
 
-    async def _handle(self, message: aio_pika.abc.AbstractIncomingMessage, command: Command) -> None:
+    async def _handle(
+        self, message: aio_pika.abc.AbstractIncomingMessage, command: Command
+    ) -> None:
         with bound(request_id=command.request_id, account=command.account_id,
                    intent=command.intent_id, message_id=command.message_id):
             try:

@@ -50,7 +50,7 @@ class OutboxRelay:
         while not self._stopping:
             try:
                 await self._run()
-            except (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError) as exc:
+            except (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError) as exc:  # type: ignore[misc]
                 metrics.TRANSIENT_FAILURES.labels("outbox").inc()
                 log.warning("outbox relay restarting", extra={"ids": {"error": repr(exc)}})
                 await asyncio.sleep(1.0)
