@@ -24,5 +24,5 @@ PENDING = web.AppKey("pending", PendingCommands)
 KEY_CACHE = web.AppKey("key_cache", KeyCache)
 
 # Per-request values, set by the middlewares.
-REQUEST_ID = "payonce.request_id"
-ACCOUNT_ID = "payonce.account_id"
+REQUEST_ID = web.RequestKey("request_id", str)
+ACCOUNT_ID = web.RequestKey("account_id", str)

@@ -19,3 +19,10 @@ async def _init(conn: Any) -> None:
 
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> Any:
     return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init)
+
+
+async def connect(url: str) -> Any:
+    """A single connection with the same codecs as the pool's."""
+    conn = await asyncpg.connect(url)
+    await _init(conn)
+    return conn

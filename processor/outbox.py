@@ -13,11 +13,11 @@ import logging
 from typing import Any
 
 import aio_pika
-import asyncpg
 import orjson
 
 from contracts import objects
 from contracts.topology import Topology
+from ops.postgres import connect
 from processor import metrics
 from processor.intents import TRANSIENT_ERRORS
 
@@ -56,7 +56,7 @@ class OutboxRelay:
                 await asyncio.sleep(1.0)
 
     async def _run(self) -> None:
-        conn = await asyncpg.connect(self._database_url)
+        conn = await connect(self._database_url)
         channel = await self._amqp.channel(publisher_confirms=True)
         try:
             await conn.add_listener("payonce_events", lambda *_: self._wake.set())
