@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import asyncpg
 import orjson
 from aiohttp import web
 
 from ops import logs
 from ops.accounts import create_account
+from ops.deadletters import list_dead, replay_dead
 from ops.migrate import migrate
 from ops.settings import Settings, SettingsError
 
@@ -131,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         "dev", help="migrate, make a dev account once, run edge and processor together")
     dev_parser.add_argument("--state-file", type=Path, default=Path(".data/dev.json"),
                             help="where the dev account and secret are kept")
+    dead = sub.add_parser("dead", help="list or replay dead-lettered commands")
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
+    dead_list = dead_sub.add_parser("list", help="print dead-lettered messages as JSON lines")
+    dead_list.add_argument("--limit", type=int, default=100)
+    dead_replay = dead_sub.add_parser(
+        "replay", help="publish dead-lettered messages again to where they came from")
+    which = dead_replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="replay every message")
+    which.add_argument("message_ids", nargs="*", default=[], metavar="MESSAGE_ID")
     args = parser.parse_args(argv)
 
     try:
@@ -151,12 +162,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
         elif args.command == "account":
             print(orjson.dumps(asyncio.run(_create_account(settings, args.name))).decode())
+        elif args.command == "dead" and args.dead_command == "list":
+            for entry in asyncio.run(list_dead(settings, args.limit)):
+                print(orjson.dumps(entry).decode())
+        elif args.command == "dead":
+            ids = None if args.all else args.message_ids
+            replayed = asyncio.run(replay_dead(settings, ids))
+            print(f"replayed {len(replayed)} message(s)")
         elif args.command == "dev":
             asyncio.run(dev(settings, args.state_file))
     except SettingsError as exc:
         print(f"payonce: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, asyncpg.PostgresError, aio_pika.exceptions.AMQPError) as exc:
         print(f"payonce: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ import pytest
 
 from contracts import ids
 from contracts.topology import Topology
-from tests.conftest import Client, Stack, stack, make_settings
+from tests.conftest import Client, Stack, make_settings, stack
 
 DECLINES = [
     ("pm_card_visa_chargeDeclined", "card_declined", "generic_decline"),
@@ -188,7 +188,8 @@ async def test_events_are_published_in_order_with_stable_ids(shared: Stack, api:
                 event = orjson.loads(message.body)
                 assert message.message_id == event["id"]
                 obj = event["data"]["object"]
-                intent_id = obj["id"] if obj["object"] == "payment_intent" else obj["payment_intent"]
+                is_intent = obj["object"] == "payment_intent"
+                intent_id = obj["id"] if is_intent else obj["payment_intent"]
                 if intent_id in seen:
                     assert event["object"] == "event" and event["id"].startswith("evt_")
                     assert event["request"]["id"].startswith("req_")
