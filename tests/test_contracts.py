@@ -1,0 +1,91 @@
+"""The shared definitions, without services: transitions, commands, ids, parameters."""
+
+from __future__ import annotations
+
+import pytest
+
+from contracts import ids
+from contracts.commands import CommandDecodeError, ConfirmIntent, CreateIntent, decode
+from contracts.enums import IntentStatus as S
+from contracts.errors import InvalidRequest, UnexpectedState
+from contracts.transitions import TERMINAL, TRANSITIONS, Action, next_status
+from edge import params
+
+
+def test_confirm_only_before_processing() -> None:
+    assert next_status(Action.CONFIRM, S.REQUIRES_CONFIRMATION) is S.PROCESSING
+    assert next_status(Action.CONFIRM, S.REQUIRES_PAYMENT_METHOD) is S.PROCESSING
+    for status in (S.PROCESSING, S.SUCCEEDED, S.CANCELED, S.REQUIRES_CAPTURE):
+        with pytest.raises(UnexpectedState) as raised:
+            next_status(Action.CONFIRM, status)
+        assert raised.value.body()["error"]["code"] == "payment_intent_unexpected_state"
+        assert status.value in raised.value.message
+
+
+def test_terminal_states_have_no_way_out() -> None:
+    for table in TRANSITIONS.values():
+        assert not TERMINAL & set(table)
+
+
+def test_psp_results_only_apply_while_processing() -> None:
+    assert next_status(Action.PSP_SUCCEEDED, S.PROCESSING) is S.SUCCEEDED
+    assert next_status(Action.PSP_DECLINED, S.PROCESSING) is S.REQUIRES_PAYMENT_METHOD
+    with pytest.raises(UnexpectedState):
+        next_status(Action.PSP_SUCCEEDED, S.CANCELED)
+
+
+def test_commands_round_trip() -> None:
+    create = CreateIntent(account_id="acct_1", intent_id="pi_1", request_id="req_1",
+                          accepted_at=1, idempotency_key="k", fingerprint="f" * 64, amount=5,
+                          currency="usd", metadata={"a": "b"}, confirm=True,
+                          payment_method="pm_card_visa")
+    confirm = ConfirmIntent(account_id="acct_1", intent_id="pi_1", request_id="req_2",
+                            accepted_at=2, idempotency_key="k2", fingerprint="e" * 64)
+    assert decode(create.encode()) == create
+    assert decode(confirm.encode()) == confirm
+    assert create.message_id != confirm.message_id
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b"[]", b'{"type": "nope"}', b'{"type": "payment_intent.confirm"}',
+    b'{"type": "payment_intent.create", "account_id": "a", "intent_id": "p", "request_id": "r",'
+    b' "accepted_at": 1, "idempotency_key": "k", "fingerprint": "f", "amount": "5",'
+    b' "currency": "usd"}',
+    b'{"type": "payment_intent.confirm", "account_id": "a", "intent_id": "p", "request_id": "r",'
+    b' "accepted_at": 1, "idempotency_key": "k", "fingerprint": "f", "extra": 1}',
+])
+def test_malformed_commands_are_named_errors(body: bytes) -> None:
+    with pytest.raises(CommandDecodeError):
+        decode(body)
+
+
+def test_ids_derive_from_account_and_key() -> None:
+    secret = b"s"
+    first = ids.intent_id(secret, "acct_a", "key-1")
+    assert first == ids.intent_id(secret, "acct_a", "key-1")
+    assert first != ids.intent_id(secret, "acct_b", "key-1")
+    assert first != ids.intent_id(secret, "acct_a", "key-2")
+    assert first != ids.intent_id(b"other", "acct_a", "key-1")
+    assert first.startswith("pi_") and len(first) == 27
+    client_secret = ids.client_secret(secret, first)
+    assert ids.client_secret_matches(secret, client_secret)
+    assert not ids.client_secret_matches(b"other", client_secret)
+    assert not ids.client_secret_matches(secret, "garbage")
+
+
+def test_form_and_json_give_the_same_canonical_parameters() -> None:
+    form = params.create_intent(params.parse_form(
+        "amount=100&currency=USD&metadata[order]=42&confirm=true&payment_method=pm_card_visa"))
+    body = params.create_intent(params.parse_json(
+        b'{"amount": 100, "currency": "usd", "metadata": {"order": "42"}, "confirm": true,'
+        b' "payment_method": "pm_card_visa"}'))
+    assert form == body
+
+
+def test_form_nesting_and_lists() -> None:
+    parsed = params.parse_form("a[b][c]=1&x[0]=p&x[1]=q&e=")
+    assert parsed == {"a": {"b": {"c": "1"}}, "x": ["p", "q"], "e": ""}
+    with pytest.raises(InvalidRequest):
+        params.parse_form("a=1&a=2")
+    with pytest.raises(InvalidRequest):
+        params.parse_form("a[b=1")
