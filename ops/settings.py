@@ -66,7 +66,7 @@ class Settings:
             raw = env.get(name)
             if raw is None or raw == "":
                 continue
-            default = getattr(cls, f.name)
+            default = f.default
             try:
                 values[f.name] = _parse(raw, default)
             except ValueError as exc:

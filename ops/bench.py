@@ -1,0 +1,162 @@
+"""`make bench`: load figures for the README, from a real edge and processor.
+
+Starts `payonce edge` and `payonce processor` as separate processes (against the configured
+services, in the test database, with a RabbitMQ prefix of its own), then measures:
+
+- accept: POST /v1/payment_intents with confirm=true at a fixed concurrency: 202s per second
+  and latency percentiles (the edge's path: auth, validation, Redis, publish with confirm);
+- settle: how long until every one of those intents reached `succeeded` (the processor's path,
+  with the simulated PSP's latency);
+- replay: the same POSTs again with the same keys (answered from Redis);
+- read: GET /v1/payment_intents/{id}.
+
+Every loop is bounded by a request count; nothing here runs in the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+
+from ops.accounts import create_account
+from ops.migrate import migrate
+from ops.settings import Settings
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _percentiles(samples: list[float]) -> str:
+    cuts = statistics.quantiles(samples, n=100)
+    return f"p50 {cuts[49] * 1000:.1f} ms, p95 {cuts[94] * 1000:.1f} ms, " \
+           f"p99 {cuts[98] * 1000:.1f} ms"
+
+
+async def _run(session: aiohttp.ClientSession, n: int, concurrency: int,
+               request: Any) -> tuple[float, list[float], list[Any]]:
+    latencies: list[float] = []
+    results: list[Any] = [None] * n
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            started = time.perf_counter()
+            results[i] = await request(session, i)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies, results
+
+
+async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> None:
+    db = urlsplit(settings.database_url)
+    database_url = urlunsplit(db._replace(path=f"{db.path.rstrip('/')}_test"))
+    await migrate(database_url)
+    conn = await asyncpg.connect(database_url)
+    account = await create_account(conn, "bench")
+    port = _free_port()
+    env = {**os.environ, "PAYONCE_DATABASE_URL": database_url,
+           "PAYONCE_AMQP_PREFIX": f"payonce_bench.{uuid.uuid4().hex[:6]}",
+           "PAYONCE_SECRET": "bench-secret", "PAYONCE_EDGE_PORT": str(port),
+           "PAYONCE_EDGE_HOST": "127.0.0.1", "PAYONCE_PSP_LATENCY_MS": latency,
+           "PAYONCE_PROCESSOR_METRICS_PORT": str(_free_port()), "PAYONCE_LOG_LEVEL": "WARNING"}
+    procs = [subprocess.Popen([sys.executable, "-m", "ops.cli", role], env=env)
+             for role in ("processor", "edge")]
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {account['secret_key']}"}
+    keys = [str(uuid.uuid4()) for _ in range(n)]
+    body = {"amount": "2000", "currency": "usd", "payment_method": "pm_card_visa",
+            "confirm": "true"}
+    try:
+        async with aiohttp.ClientSession(headers=headers) as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"{base}/ready") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+
+            async def post(session: aiohttp.ClientSession, i: int) -> str:
+                async with session.post(f"{base}/v1/payment_intents", data=body,
+                                        headers={"Idempotency-Key": keys[i]}) as resp:
+                    assert resp.status == 202, await resp.text()
+                    return str((await resp.json())["id"])
+
+            async def get(session: aiohttp.ClientSession, i: int) -> None:
+                async with session.get(f"{base}/v1/payment_intents/{ids[i]}") as resp:
+                    assert resp.status in (200, 425)
+                    await resp.read()
+
+            accept_s, accept_lat, ids = await _run(session, n, concurrency, post)
+            settle_started = time.perf_counter()
+            while True:
+                done = await conn.fetchval(
+                    "SELECT count(*) FROM payment_intents WHERE account_id = $1 "
+                    "AND status = 'succeeded'", account["account"])
+                if done == n:
+                    break
+                await asyncio.sleep(0.05)
+            settle_s = accept_s + time.perf_counter() - settle_started
+            replay_s, replay_lat, _ = await _run(session, n, concurrency, post)
+            read_s, read_lat, _ = await _run(session, n, concurrency, get)
+            ledger = await conn.fetchval(
+                "SELECT count(*) FROM psp.charges c JOIN payment_attempts a "
+                "ON a.psp_key = c.idempotency_key WHERE a.account_id = $1", account["account"])
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+        await conn.close()
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    print(f"""
+payonce benchmark: {n} payments, {concurrency} concurrent clients, PSP latency {latency} ms
+machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, one edge and one
+processor process, PostgreSQL/Redis/RabbitMQ on the same machine
+
+| what | rate | latency |
+|---|---|---|
+| accept (POST confirm=true → 202) | {n / accept_s:.0f}/s | {_percentiles(accept_lat)} |
+| settle (all {n} succeeded, from the first POST) | {n / settle_s:.0f}/s | {settle_s:.1f} s total |
+| replay (same key → stored 202) | {n / replay_s:.0f}/s | {_percentiles(replay_lat)} |
+| read (GET intent) | {n / read_s:.0f}/s | {_percentiles(read_lat)} |
+
+PSP ledger rows for the {n} payments: {ledger} (one per attempt)
+""")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=2000, help="payments (default 2000)")
+    parser.add_argument("-c", "--concurrency", type=int, default=50)
+    parser.add_argument("--psp-latency", default="100-400", help="ms, LOW-HIGH")
+    args = parser.parse_args()
+    asyncio.run(bench(Settings.from_env(), args.n, args.concurrency, args.psp_latency))
+
+
+if __name__ == "__main__":
+    main()
