@@ -42,6 +42,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _start(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen([sys.executable, "-m", "ops.cli", role], env=env)
+            for role in ("processor", "edge")]
+
+
+def _cpu() -> str:
+    with open("/proc/cpuinfo") as info:
+        models = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    return models[0] if models else platform.processor()
+
+
 def _percentiles(samples: list[float]) -> str:
     cuts = statistics.quantiles(samples, n=100)
     return f"p50 {cuts[49] * 1000:.1f} ms, p95 {cuts[94] * 1000:.1f} ms, " \
@@ -80,8 +91,7 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
            "PAYONCE_SECRET": "bench-secret", "PAYONCE_EDGE_PORT": str(port),
            "PAYONCE_EDGE_HOST": "127.0.0.1", "PAYONCE_PSP_LATENCY_MS": latency,
            "PAYONCE_PROCESSOR_METRICS_PORT": str(_free_port()), "PAYONCE_LOG_LEVEL": "WARNING"}
-    procs = [subprocess.Popen([sys.executable, "-m", "ops.cli", role], env=env)
-             for role in ("processor", "edge")]
+    procs = _start(env)
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {account['secret_key']}"}
     keys = [str(uuid.uuid4()) for _ in range(n)]
@@ -131,8 +141,7 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
             proc.wait(30)
         await conn.close()
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
+    cpu = _cpu()
     print(f"""
 payonce benchmark: {n} payments, {concurrency} concurrent clients, PSP latency {latency} ms
 machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, one edge and one
