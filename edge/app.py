@@ -57,8 +57,11 @@ def error_response(error: PayonceError, request_id: str) -> web.Response:
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, Stripe-shaped errors for everything, one log line and metric per request."""
-    request_id = request.headers.get("X-Request-Id") or f"req_{secrets.token_hex(8)}"
-    request_id = request_id[:64]
+    # A client's own request id is echoed and sent on to the processor only when it is short
+    # printable ASCII: anything else would break the response headers or the command encoding.
+    request_id = request.headers.get("X-Request-Id", "")[:64]
+    if not (request_id and request_id.isascii() and request_id.isprintable()):
+        request_id = f"req_{secrets.token_hex(8)}"
     request[REQUEST_ID] = request_id
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
@@ -79,7 +82,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         except web.HTTPMethodNotAllowed:
             response = error_response(MethodNotAllowed(
                 f"{request.method} is not allowed on {request.path[:200]}."), request_id)
-        except (asyncpg.PostgresConnectionStatusError, asyncpg.InterfaceError, OSError,
+        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError,
                 RedisError) as exc:
             metrics.DEPENDENCY_ERRORS.labels(type(exc).__module__.split(".")[0]).inc()
             log.error("dependency failure", exc_info=exc)

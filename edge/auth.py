@@ -4,7 +4,6 @@ user name (as Stripe accepts). Keys are looked up by their SHA-256 digest."""
 from __future__ import annotations
 
 import base64
-import binascii
 import time
 from typing import Any
 
@@ -23,14 +22,15 @@ def key_from_header(header: str | None) -> str:
             "'Bearer YOUR_SECRET_KEY'.", code="api_key_missing")
     scheme, _, value = header.partition(" ")
     value = value.strip()
-    if scheme.lower() == "bearer" and value:
+    # Keys are ASCII; a header with other bytes (undecodable ones arrive as surrogates) is no key.
+    if scheme.lower() == "bearer" and value and value.isascii():
         return value
     if scheme.lower() == "basic" and value:
         try:
             user = base64.b64decode(value, validate=True).decode().partition(":")[0]
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8
             user = ""
-        if user:
+        if user and user.isascii():
             return user
     raise AuthenticationFailed("Invalid Authorization header: use 'Bearer YOUR_SECRET_KEY'.")
 

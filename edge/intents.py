@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ APPLIED_KEYS = """
 SELECT idempotency_key FROM inbox WHERE account_id = $1 AND idempotency_key = ANY($2::text[])
 """
 
+# What contracts/ids.py makes; anything else is answered 404 without a lookup (and could not
+# be passed to Postgres as text if it held a NUL).
+INTENT_ID = re.compile(r"pi_[0-9A-Za-z]{24}")
+
 # Clients polling a 425 come back after this many seconds; most commands apply within it.
 RETRY_AFTER_S = "1"
 
@@ -79,6 +84,8 @@ async def read_params(request: web.Request) -> dict[str, Any]:
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].max_body_bytes
         raise PayloadTooLarge(f"The request body is larger than {limit} bytes.") from None
+    except web.RequestPayloadError:  # e.g. a Content-Encoding the body does not match
+        raise InvalidRequest("The request body could not be read or decoded.") from None
     if not body.strip():
         return {}
     ctype = request.content_type
@@ -234,6 +241,8 @@ async def current_view(
     The pending commands are read before the row: a command applied in between then shows
     in the row and is dropped from the pending list by the inbox check, never lost between.
     """
+    if not INTENT_ID.fullmatch(intent_id):
+        return None, None, []
     app = request.app
     account_id = request[ACCOUNT_ID]
     try:

@@ -32,6 +32,8 @@ METADATA_VALUE_MAX = 500
 _KEY = re.compile(r"([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _INTEGER = re.compile(r"-?[0-9]+")
 _PAYMENT_METHOD = re.compile(r"pm_[0-9A-Za-z_]{1,200}")
+# Postgres text and jsonb cannot hold U+0000: refused here rather than failing in the processor.
+_NUL_MESSAGE = "Invalid {}: text parameters cannot contain the NUL character."
 
 
 def parse_form(body: str) -> dict[str, Any]:
@@ -94,7 +96,11 @@ def _integer(value: Any, param: str) -> int:
         if not _INTEGER.fullmatch(value):
             raise ParameterInvalid(f"Invalid integer: {value[:50]}.",
                                    code="parameter_invalid_integer", param=param)
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # over Python's 4300-digit limit on int(str)
+            raise ParameterInvalid(f"Invalid integer: {value[:50]}… is too long.",
+                                   code="parameter_invalid_integer", param=param) from None
     return value
 
 
@@ -121,6 +127,8 @@ def string(max_length: int) -> Callable[[Any, str], str]:
     def check(value: Any, param: str) -> str:
         if not isinstance(value, str):
             raise ParameterInvalid(f"Invalid string: {param} must be a string.", param=param)
+        if "\x00" in value:
+            raise ParameterInvalid(_NUL_MESSAGE.format(param), param=param)
         if len(value) > max_length:
             raise ParameterInvalid(f"{param} must be at most {max_length} characters.",
                                    param=param)
@@ -164,6 +172,8 @@ def metadata(value: Any, param: str) -> dict[str, str]:
         if len(text) > METADATA_VALUE_MAX:
             raise ParameterInvalid(
                 f"Metadata values can be at most {METADATA_VALUE_MAX} characters.", param=name)
+        if "\x00" in key or "\x00" in text:
+            raise ParameterInvalid(_NUL_MESSAGE.format(name), param=name)
         if text:
             result[key] = text
     if len(result) > METADATA_MAX_KEYS:

@@ -17,9 +17,10 @@ say() { printf 'services: %s\n' "$*"; }
 die() { printf 'services: error: %s\n' "$*" >&2; exit 1; }
 is_root() { [[ $(id -u) == 0 ]]; }
 is_local() { [[ $1 == localhost || $1 == ::1 || $1 == 127.* ]]; }
+# shellcheck disable=SC2016
 tcp_up() { timeout 2 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null; }
 bind_addr() { if [[ $1 == localhost ]]; then echo 127.0.0.1; else echo "$1"; fi; }
-show_log() { [[ -f $1 ]] && tail -n 20 "$1" | sed 's/^/    /' >&2 || true; }
+show_log() { if [[ -f $1 ]]; then tail -n 20 "$1" | sed 's/^/    /' >&2; fi; }
 
 # as_user USER CMD...: run CMD as USER when root and USER exists (initdb refuses root; the
 # Debian RabbitMQ packages expect their own user and its Erlang cookie), else as ourselves.
@@ -63,11 +64,12 @@ PY
   PG_TEST_DB=${PG_DB}_test
 }
 
-pg_bindir() {
+pg_bindir() { # the newest server install (Debian keeps initdb out of PATH)
   local dir
-  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
-  [[ -z $dir ]] && command -v initdb >/dev/null && dir=$(dirname "$(command -v initdb)")
-  [[ -n $dir ]] && echo "$dir"
+  dir=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+  [[ -x $dir/initdb ]] || { command -v initdb >/dev/null && dir=$(dirname "$(command -v initdb)"); } ||
+    return 1
+  echo "$dir"
 }
 # Unix sockets paths are limited to 107 bytes; /tmp is the fallback for deep checkouts.
 pg_sockdir() { if ((${#DATA} < 80)); then echo "$DATA/run"; else echo /tmp; fi; }
@@ -199,7 +201,7 @@ start_rabbitmq() {
     RABBITMQ_CONFIG_FILE="$base/rabbitmq.conf" RABBITMQ_ADVANCED_CONFIG_FILE="$base/advanced.config" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$base/enabled_plugins" RABBITMQ_CONF_ENV_FILE="$base/rabbitmq-env.conf" \
     RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
-    ERL_EPMD_ADDRESS=127.0.0.1 "$server") >>"$logs/startup.log" 2>&1 </dev/null &
+    ERL_EPMD_ADDRESS=127.0.0.1 "$server") >"$logs/startup.log" 2>&1 </dev/null &
   RABBIT_STARTER=$!
   wait_until rabbitmq "$logs/$node.log" rabbitmq_booted "$logs/startup.log" \
     "node $node, ports $AMQP_PORT, $dist and $mgmt"
@@ -302,7 +304,9 @@ cmd_up() {
       for svc in "${missing[@]}"; do "start_$svc"; done
     fi
   fi
-  if is_local "$PG_HOST" && ! command -v psql >/dev/null; then install_packages psql || true; fi
+  if is_local "$PG_HOST" && ! command -v psql >/dev/null && is_root && command -v apt-get >/dev/null; then
+    install_packages psql
+  fi
   ensure_pg_role_and_dbs
   say "ready: postgres $PG_HOST:$PG_PORT, redis $REDIS_HOST:$REDIS_PORT, rabbitmq $AMQP_HOST:$AMQP_PORT"
 }
