@@ -37,7 +37,7 @@ class JSONFormatter(logging.Formatter):
             "msg": record.getMessage(),
             **_context.get({}),
         }
-        line.update(getattr(record, "ids", {}))
+        line.update({k: v for k, v in getattr(record, "ids", {}).items() if v is not None})
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
@@ -45,7 +45,8 @@ class JSONFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ids = {**_context.get({}), **getattr(record, "ids", {})}
+        extra = {k: v for k, v in getattr(record, "ids", {}).items() if v is not None}
+        ids = {**_context.get({}), **extra}
         text = super().format(record)
         return f"{text} {' '.join(f'{k}={v}' for k, v in ids.items())}".rstrip()
 
