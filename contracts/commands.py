@@ -7,6 +7,7 @@ raises CommandDecodeError, and the processor dead-letters it instead of retrying
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ class ClientCommand(Command):
 
     @property
     def message_id(self) -> str:
-        return f"{self.account_id}/{self.fingerprint[:16]}/{self.idempotency_key}"
+        # Keys run to 255 characters and AMQP message ids to 255 bytes: a digest fits.
+        digest = hashlib.sha256(f"{self.account_id}\x1f{self.idempotency_key}".encode())
+        return f"cmd_{digest.hexdigest()[:40]}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

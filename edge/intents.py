@@ -187,13 +187,17 @@ async def accept(
         raise unavailable("redis", exc) from exc
     try:
         await app[PUBLISHER].publish(command)
-    except PublishFailed as exc:
+    except BaseException as exc:
+        # Whatever stopped the publish, no 202 follows: a marker left behind would answer
+        # 425 for an intent that may never exist, for the marker's whole lifetime.
         metrics.PUBLISHES.labels(command.TYPE, "failed").inc()
         try:
             await pending.remove(account_id, intent_id, key)
         except RedisError:
             log.warning("could not remove the pending marker of an unpublished command")
-        raise unavailable("rabbitmq", exc) from exc
+        if isinstance(exc, PublishFailed):
+            raise unavailable("rabbitmq", exc) from exc
+        raise
     metrics.PUBLISHES.labels(command.TYPE, "confirmed").inc()
     failpoints.hit("edge.after_publish")
     log.info("command accepted", extra={"ids": {"command": command.TYPE,
@@ -238,8 +242,11 @@ async def current_view(
     """(the intent as the client will see it once every accepted command is applied, its
     Postgres row, the objects of the accepted commands not applied yet).
 
-    The pending commands are read before the row: a command applied in between then shows
-    in the row and is dropped from the pending list by the inbox check, never lost between.
+    Read in this order: the pending commands, then which of them the inbox has applied, then
+    the row. A command is dropped from the pending list only when its inbox row was committed,
+    and so its effect is in the row read after; one applied after the inbox check just stays
+    pending for this read. (Reading the row before the inbox check lost a command committed
+    in between: neither pending nor in the row, a 404 for an accepted create.)
     """
     if not INTENT_ID.fullmatch(intent_id):
         return None, None, []
@@ -250,13 +257,13 @@ async def current_view(
     except RedisError as exc:
         raise unavailable("redis", exc) from exc
     db = app[DB]
-    row = await db.fetchrow(FETCH_INTENT, intent_id, account_id)
     if pending:
         applied = {r["idempotency_key"] for r in
                    await db.fetch(APPLIED_KEYS, account_id, [k for k, _ in pending])}
         for key in applied:
             await app[PENDING].remove(account_id, intent_id, key)
         pending = [(k, obj) for k, obj in pending if k not in applied]
+    row = await db.fetchrow(FETCH_INTENT, intent_id, account_id)
     unapplied = [obj for _, obj in pending]
     if unapplied:
         return unapplied[-1], row, unapplied

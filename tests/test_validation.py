@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 from contracts import ids
+from contracts.commands import ClientCommand
 from contracts.pending import redis_key as pending_key
 from tests.conftest import Client, Reply, Stack
 
@@ -57,7 +58,7 @@ async def assert_key_still_works(api: Client, shared: Stack, key: str) -> None:
     await assert_nothing_stored(api, shared, key)
     ok = await api.post("/v1/payment_intents", VALID, key=key)
     assert ok.status == 202, ok.body
-    assert "Idempotent-Replayed" not in ok.headers
+    assert "Idempotent-Replayed" not in ok.headers and ok.headers["Request-Id"]
     applied = await api.wait_for(ok.body["id"], ["requires_payment_method"])
     assert (applied["amount"], applied["currency"]) == (1000, "usd")
     assert await count(api, "payment_intents") == 1
@@ -259,6 +260,13 @@ async def test_bad_idempotency_key(api: Client, shared: Stack, key: str | None,
     await assert_key_still_works(api, shared, str(uuid.uuid4()))
 
 
+async def test_a_255_char_key_is_accepted(api: Client) -> None:
+    created = await api.post("/v1/payment_intents", VALID, key="k" * 255)
+    assert created.status == 202, created.body
+    applied = await api.wait_for(created.body["id"], ["requires_payment_method"])
+    assert applied["id"] == created.body["id"]
+
+
 async def test_control_bytes_in_a_header_are_refused_by_the_http_parser(
     api: Client, shared: Stack
 ) -> None:
@@ -437,19 +445,23 @@ async def test_request_id_is_echoed_only_when_safe(api: Client, shared: Stack) -
     await api.wait_for(intent_id, ["requires_payment_method"])
 
 
-async def test_internal_error_is_stripe_shaped_and_frees_the_key(
+async def test_internal_error_is_stripe_shaped_and_changes_nothing(
     api: Client, shared: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import edge.intents
+    """Not the client's fault, but still the Stripe shape, a Request-Id, the key freed and no
+    pending marker left behind (one once made the intent answer 425 for 24 hours)."""
 
-    async def broken(*args: Any) -> Any:
+    def broken(self: Any) -> bytes:
         raise RuntimeError("a bug")
 
     key = str(uuid.uuid4())
-    monkeypatch.setattr(edge.intents, "accept", broken)
+    # Client commands only: the processor's own messages must not break meanwhile.
+    monkeypatch.setattr(ClientCommand, "encode", broken)
     reply = await api.post("/v1/payment_intents", VALID, key=key)
     assert_error(reply, 500, None, None, type_="api_error")
-    assert reply.headers["Request-Id"].startswith("req_")
+    intent_id = ids.intent_id(shared.settings.secret_bytes, api.account_id, key)
+    assert_error(await api.get(f"/v1/payment_intents/{intent_id}"), 404, "resource_missing",
+                 "intent")
     monkeypatch.undo()
     await assert_key_still_works(api, shared, key)
 
