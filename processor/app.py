@@ -54,7 +54,7 @@ class Processor:
 
         self._pool, self._redis, self._amqp = pool, redis, connection
         self.attempts = AttemptRunner(pool, SimulatedPSP(psp_pool, s), publisher, s)
-        intents = Intents(pool, s.secret_bytes)
+        intents = Intents(pool, s.secret_bytes, topology.events)
         pending = PendingCommands(redis, ttl_s=s.pending_ttl_s)
         self.relay = OutboxRelay(s.database_url, connection, topology, s.sweep_interval_s)
         for partition in range(s.partitions):

@@ -66,8 +66,8 @@ RETURNING *
 """
 INSERT_EVENT = """
 INSERT INTO events (id, account_id, type, object_id, data, previous_attributes, request_id,
-                    idempotency_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                    idempotency_key, exchange)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (id) DO NOTHING
 """
 NOTIFY_EVENTS = "SELECT pg_notify('payonce_events', '')"
@@ -83,9 +83,10 @@ class Applied:
 
 
 class Intents:
-    def __init__(self, pool: Any, secret: bytes) -> None:
+    def __init__(self, pool: Any, secret: bytes, events_exchange: str) -> None:
         self._pool = pool
         self._secret = secret
+        self._events_exchange = events_exchange
 
     async def apply(self, command: Command) -> Applied:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -198,7 +199,7 @@ class Intents:
         event_id = ids.event_id(self._secret, obj["id"], event_type, command.message_id)
         key = command.idempotency_key if isinstance(command, ClientCommand) else None
         await conn.execute(INSERT_EVENT, event_id, command.account_id, event_type, obj["id"],
-                           obj, previous, command.request_id, key)
+                           obj, previous, command.request_id, key, self._events_exchange)
         await conn.execute(NOTIFY_EVENTS)
 
 

@@ -1,15 +1,17 @@
 """The outbox relay: publishes events, in commit order, to the events exchange.
 
-Events are written in the transaction of the state change that causes them. One relay at a
-time holds an advisory lock and publishes them in `seq` order, each with its stable id as the
-message id, then marks them published. A crash between the broker's confirm and the mark
-publishes those events again (at least once); consumers dedupe by id.
+Events are written in the transaction of the state change that causes them, naming the
+exchange they go to. One relay per exchange holds an advisory lock and publishes them in `seq`
+order, each with its stable id as the message id, then marks them published. A crash between
+the broker's confirm and the mark publishes those events again (at least once); consumers
+dedupe by id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from typing import Any
 
 import aio_pika
@@ -23,10 +25,9 @@ from processor.intents import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
-_LOCK = 0x72656C6179  # the relay's advisory lock; any constant unique to it
 BATCH = 200
 UNPUBLISHED = """
-SELECT * FROM events WHERE published_at IS NULL ORDER BY seq LIMIT $1
+SELECT * FROM events WHERE exchange = $1 AND published_at IS NULL ORDER BY seq LIMIT $2
 """
 MARK_PUBLISHED = "UPDATE events SET published_at = now() WHERE seq = ANY($1::bigint[])"
 
@@ -60,13 +61,14 @@ class OutboxRelay:
         channel = await self._amqp.channel(publisher_confirms=True)
         try:
             await conn.add_listener("payonce_events", lambda *_: self._wake.set())
-            # Only one relay publishes, so events leave in commit order; the others wait.
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
+            # One relay per exchange publishes, so events leave in commit order; others wait.
+            lock = zlib.crc32(f"payonce.outbox:{self._topology.events}".encode())
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
                 if await self._idle():
                     return
             exchange = await channel.get_exchange(self._topology.events)
             while not self._stopping:
-                rows = await conn.fetch(UNPUBLISHED, BATCH)
+                rows = await conn.fetch(UNPUBLISHED, self._topology.events, BATCH)
                 if rows:
                     await self._publish(exchange, rows)
                     await conn.execute(MARK_PUBLISHED, [r["seq"] for r in rows])
