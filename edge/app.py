@@ -79,9 +79,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         except web.HTTPNotFound:
             response = error_response(ResourceMissing(
                 f"Unrecognized request URL ({request.method}: {request.path[:200]})."), request_id)
-        except web.HTTPMethodNotAllowed:
+        except web.HTTPMethodNotAllowed as exc:
             response = error_response(MethodNotAllowed(
-                f"{request.method} is not allowed on {request.path[:200]}."), request_id)
+                f"{request.method} is not allowed on {request.path[:200]}.",
+                headers={"Allow": ",".join(sorted(exc.allowed_methods))}), request_id)
         except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError,
                 RedisError) as exc:
             metrics.DEPENDENCY_ERRORS.labels(type(exc).__module__.split(".")[0]).inc()

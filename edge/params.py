@@ -165,6 +165,8 @@ def metadata(value: Any, param: str) -> dict[str, str]:
         if not isinstance(item, str | int | float) or isinstance(item, bool):
             raise ParameterInvalid(f"Invalid value for {name}: metadata values are strings.",
                                    param=name)
+        if not key:
+            raise ParameterInvalid("Metadata keys cannot be empty.", param=name)
         if len(key) > METADATA_KEY_MAX:
             raise ParameterInvalid(f"Metadata keys can be at most {METADATA_KEY_MAX} characters.",
                                    param=name)

@@ -145,6 +145,9 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str, str | None]] = [
                                            "metadata": {"a": None}}},
      "parameter_invalid", "metadata[a]"),
     # Postgres cannot store U+0000: these were once accepted and then failed in the processor.
+    ("json metadata empty key", {"json": {"amount": 100, "currency": "usd",
+                                          "metadata": {"": "x"}}},
+     "parameter_invalid", "metadata[]"),
     ("metadata NUL value", {"json": {"amount": 100, "currency": "usd",
                                      "metadata": {"a": "x\u0000"}}},
      "parameter_invalid", "metadata[a]"),
@@ -348,6 +351,8 @@ async def test_unknown_route_and_method(api: Client, method: str, path: str, sta
                                         code: str) -> None:
     reply = await api.request(method, path)
     assert_error(reply, status, code, None)
+    if status == 405:
+        assert "POST" in reply.headers["Allow"]
     assert await count(api, "payment_intents") == 0
 
 
