@@ -53,8 +53,9 @@ class Processor:
         publisher = CommandPublisher(channel, topology, s.publish_timeout_s)
 
         self._pool, self._redis, self._amqp = pool, redis, connection
-        self.attempts = AttemptRunner(pool, SimulatedPSP(psp_pool, s), publisher, s)
-        intents = Intents(pool, s.secret_bytes, topology.events)
+        self.attempts = AttemptRunner(pool, SimulatedPSP(psp_pool, s), publisher, s,
+                                      topology.commands)
+        intents = Intents(pool, s.secret_bytes, topology)
         pending = PendingCommands(redis, ttl_s=s.pending_ttl_s)
         self.relay = OutboxRelay(s.database_url, connection, topology, s.sweep_interval_s)
         for partition in range(s.partitions):

@@ -55,7 +55,7 @@ WHERE id = $1
 RELEASE = "UPDATE payment_attempts SET locked_until = NULL WHERE id = $1 AND state = 'pending'"
 DUE = """
 SELECT id FROM payment_attempts
-WHERE state = 'pending' AND next_try_at <= now()
+WHERE commands_exchange = $2 AND state = 'pending' AND next_try_at <= now()
   AND (locked_until IS NULL OR locked_until < now())
 ORDER BY next_try_at
 LIMIT $1
@@ -69,9 +69,12 @@ SWEEP_BATCH = 500
 
 class AttemptRunner:
     def __init__(
-        self, pool: Any, psp: PSP, publisher: CommandPublisher, settings: Settings
+        self, pool: Any, psp: PSP, publisher: CommandPublisher, settings: Settings,
+        commands_exchange: str,
     ) -> None:
         self._pool = pool
+        # Only attempts whose results go to this exchange are resumed here.
+        self._commands_exchange = commands_exchange
         self._psp = psp
         self._publisher = publisher
         self._settings = settings
@@ -189,7 +192,7 @@ class AttemptRunner:
         """Resume attempts whose processor died or that are due for another try."""
         while not self._stopping:
             try:
-                rows = await self._pool.fetch(DUE, SWEEP_BATCH)
+                rows = await self._pool.fetch(DUE, SWEEP_BATCH, self._commands_exchange)
                 self.kick([r["id"] for r in rows])
             except TRANSIENT_ERRORS as exc:
                 metrics.TRANSIENT_FAILURES.labels("sweeper").inc()

@@ -13,6 +13,7 @@ from contracts import ids, objects
 from contracts.commands import ApplyPSPResult, ClientCommand, Command, ConfirmIntent, CreateIntent
 from contracts.enums import ChargeStatus, EventType, IntentStatus
 from contracts.errors import PayonceError, ResourceMissing, UnexpectedState
+from contracts.topology import Topology
 from contracts.transitions import Action, next_status
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ RETURNING *
 """
 INSERT_ATTEMPT = """
 INSERT INTO payment_attempts (id, account_id, payment_intent_id, charge_id, psp_key, amount,
-                              currency, payment_method, request_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                              currency, payment_method, request_id, commands_exchange)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 """
 LOCK_ATTEMPT = "SELECT * FROM payment_attempts WHERE id = $1 FOR UPDATE"
 SETTLE_ATTEMPT = "UPDATE payment_attempts SET state = 'settled', updated_at = now() WHERE id = $1"
@@ -83,10 +84,11 @@ class Applied:
 
 
 class Intents:
-    def __init__(self, pool: Any, secret: bytes, events_exchange: str) -> None:
+    def __init__(self, pool: Any, secret: bytes, topology: Topology) -> None:
         self._pool = pool
         self._secret = secret
-        self._events_exchange = events_exchange
+        self._events_exchange = topology.events
+        self._commands_exchange = topology.commands
 
     async def apply(self, command: Command) -> Applied:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -146,7 +148,7 @@ class Intents:
         await conn.execute(
             INSERT_ATTEMPT, attempt_id, c.account_id, c.intent_id,
             ids.charge_id(self._secret, attempt_id), f"payonce_{attempt_id}", row["amount"],
-            row["currency"], payment_method, c.request_id)
+            row["currency"], payment_method, c.request_id, self._commands_exchange)
         await self._event(conn, c, EventType.INTENT_PROCESSING, updated,
                           previous={"status": row["status"]})
         return Applied("applied", attempts=[attempt_id])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,12 +18,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiohttp
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
@@ -239,33 +240,50 @@ async def api(shared: Stack) -> Client:
 
 
 class Proc:
-    """A `payonce` subprocess, to be killed or stopped by signal."""
+    """A `payonce` subprocess, to be killed or stopped by signal. Its log goes to a file: an
+    unread pipe would fill up and stall the process, and the log explains a failure."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.args = args
         self.env = env
+        self.log_path = log_path
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", *self.args], env=self.env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with self.log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "ops.cli", *self.args], env=self.env,
+                stdout=subprocess.DEVNULL, stderr=log)
         return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
         assert self.popen is not None
         self.popen.send_signal(signal.SIGKILL)
         self.popen.wait(10)
 
-    def terminate(self, within_s: float = 30.0) -> int:
+    async def wait_exit(self, within_s: float) -> int:
         assert self.popen is not None
-        self.popen.send_signal(signal.SIGTERM)
-        return self.popen.wait(within_s)
+        return await asyncio.to_thread(self.popen.wait, within_s)
+
+    async def sigterm(self, within_s: float) -> int:
+        """SIGTERM, then the exit code; the event loop keeps running meanwhile."""
+        assert self.popen is not None
+        self.popen.terminate()
+        return await self.wait_exit(within_s)
 
     def stop_quietly(self) -> None:
         if self.popen is not None and self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def wait_http(url: str, within_s: float = 20.0) -> None:
@@ -290,5 +308,17 @@ def procs() -> Iterable[list[Proc]]:
         p.stop_quietly()
 
 
-async def connect(settings: Settings) -> asyncpg.Connection:
-    return await asyncpg.connect(settings.database_url)
+async def start_proc(
+    kind: str, settings: Settings, procs: list[Proc], tmp_path: Path, **env: str
+) -> Proc:
+    """An edge or processor subprocess with these settings, once its /health answers."""
+    port = settings.edge_port if kind == "edge" else settings.processor_metrics_port
+    assert port, "give the subprocess a fixed port to wait for"
+    log_path = tmp_path / f"{kind}-{len(procs)}.log"
+    proc = Proc([kind], settings_env(settings, **env), log_path).start()
+    procs.append(proc)
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/health")
+    except AssertionError:
+        raise AssertionError(f"{kind} did not start:\n{proc.log()[-3000:]}") from None
+    return proc

@@ -143,7 +143,7 @@ async def test_425_until_applied_then_200(migrated: None) -> None:
 
 
 async def test_charge_425_while_processing(migrated: None) -> None:
-    async with stack(make_settings(psp_latency_ms=(3000, 3000))) as s:
+    async with stack(make_settings(psp_latency_ms=(3000, 3000), psp_timeout_s=10.0)) as s:
         api = await s.client()
         created = await api.create(amount=1000, currency="usd", payment_method="pm_card_visa",
                                    confirm=True)
