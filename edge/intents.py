@@ -245,8 +245,8 @@ async def current_view(
     Read in this order: the pending commands, then which of them the inbox has applied, then
     the row. A command is dropped from the pending list only when its inbox row was committed,
     and so its effect is in the row read after; one applied after the inbox check just stays
-    pending for this read. (Reading the row before the inbox check lost a command committed
-    in between: neither pending nor in the row, a 404 for an accepted create.)
+    pending for this read. In any other order a command committed in between would be in
+    neither, and an accepted create would answer 404.
     """
     if not INTENT_ID.fullmatch(intent_id):
         return None, None, []

@@ -47,7 +47,9 @@ class Settings:
     psp_timeout_s: float = 10.0
     # After this many failed tries the PSP is asked for the attempt; see processor/attempts.py.
     psp_max_tries: int = 8
-    # An attempt claimed by a processor that died is retried after its lease runs out.
+    # An attempt claimed by a processor that died is retried after its lease runs out. Longer
+    # than one PSP call plus the longest pause between tries (psp_timeout_s + 5 s), so a live
+    # processor never loses an attempt it is working on.
     psp_lease_s: float = 30.0
     psp_decline_rate: float = 0.0
     psp_error_rate: float = 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import aio_pika
@@ -102,10 +103,10 @@ class Processor:
     async def stop(self) -> None:
         """Graceful: stop taking commands, finish those in hand and the PSP calls under way,
         then close. Whatever is cut off is redelivered or resumed, never lost."""
-        grace = self.settings.shutdown_grace_s
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
         log.info("processor stopping")
-        await asyncio.gather(*(c.stop(grace) for c in self._consumers))
-        await self.attempts.stop(grace)
+        await asyncio.gather(*(c.stop(self.settings.shutdown_grace_s) for c in self._consumers))
+        await self.attempts.stop(max(deadline - time.monotonic(), 1.0))
         self.relay.stop()
         for task in self._tasks:
             task.cancel()

@@ -167,9 +167,10 @@ class AttemptRunner:
             if self._stopping:
                 await self._pool.execute(RELEASE, attempt["id"])
                 return None
+            # Renewed before the pause, so the lease covers the pause and the next call.
+            await self._pool.execute(RENEW, attempt["id"], s.psp_lease_s)
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
-            await self._pool.execute(RENEW, attempt["id"], s.psp_lease_s)
         return await self._give_up(attempt)
 
     async def _give_up(self, attempt: Any) -> PSPResult | None:
