@@ -317,13 +317,16 @@ def too_early(what: str) -> TooEarly:
 
 @routes.get("/v1/payment_intents/{id}")
 async def retrieve_intent(request: web.Request) -> web.Response:
+    """The intent as it stands, counting commands accepted but not applied yet: a client told
+    `processing` by a confirm's 202 never reads an older status after it. 425 while its create
+    is not applied."""
     intent_id = request.match_info["id"]
     params.validate(request.query, {})
     with bound(intent=intent_id):
-        _, row, unapplied = await current_view(request, intent_id)
+        current, row, _ = await current_view(request, intent_id)
         if row is not None:
-            return json_response(objects.payment_intent(row, request.app[SETTINGS].secret_bytes))
-        if unapplied:
+            return json_response(current)
+        if current is not None:
             raise too_early("payment_intent")
         raise no_such_intent(intent_id)
 

@@ -225,3 +225,25 @@ async def test_health_and_ready(api: Client) -> None:
     ready = await api.get("/ready", auth=None)
     assert ready.status == 200
     assert ready.body["checks"] == {"postgres": "ok", "redis": "ok", "rabbitmq": "ok"}
+
+
+async def test_reads_never_go_back_behind_an_accepted_confirm(migrated: None) -> None:
+    async with stack() as s:
+        api = await s.client()
+        created = await api.create(amount=1000, currency="usd")
+        await api.wait_for(created.body["id"], ["requires_payment_method"])
+        await s.stop_processor()
+        confirmed = await api.post(f"/v1/payment_intents/{created.body['id']}/confirm",
+                                   {"payment_method": "pm_card_visa"})
+        assert confirmed.status == 202
+        read = await api.get(f"/v1/payment_intents/{created.body['id']}")
+        assert read.status == 200
+        assert read.body["status"] == "processing"
+        assert read.body["payment_method"] == "pm_card_visa"
+        stored = await api.db.fetchval("SELECT status FROM payment_intents WHERE id = $1",
+                                       created.body["id"])
+        assert stored == "requires_payment_method"
+        assert (await api.get(f"/v1/payment_intents/{created.body['id']}/charge")).status == 425
+        await s.start_processor()
+        done = await api.wait_for(created.body["id"], ["succeeded"])
+        assert done["latest_charge"]
