@@ -17,8 +17,15 @@ async def _init(conn: Any) -> None:
     )
 
 
+async def _keep(conn: Any) -> None:
+    """Pooled connections hold no session state (no LISTEN, advisory locks or SET: those live
+    on dedicated connections), so the reset asyncpg runs on every release, a round trip each
+    time, is skipped."""
+
+
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> Any:
-    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init)
+    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init,
+                                     reset=_keep)
 
 
 async def connect(url: str) -> Any:

@@ -65,13 +65,17 @@ SET status = $2, amount_received = $3, latest_charge = $4, last_payment_error = 
 WHERE id = $1
 RETURNING *
 """
+# The notification wakes the outbox relay; Postgres delivers it at commit, once per
+# transaction however many events it holds.
 INSERT_EVENT = """
-INSERT INTO events (id, account_id, type, object_id, data, previous_attributes, request_id,
-                    idempotency_key, exchange)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-ON CONFLICT (id) DO NOTHING
+WITH inserted AS (
+    INSERT INTO events (id, account_id, type, object_id, data, previous_attributes, request_id,
+                        idempotency_key, exchange)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    ON CONFLICT (id) DO NOTHING
+)
+SELECT pg_notify('payonce_events', '')
 """
-NOTIFY_EVENTS = "SELECT pg_notify('payonce_events', '')"
 
 
 @dataclass(slots=True)
@@ -202,7 +206,6 @@ class Intents:
         key = command.idempotency_key if isinstance(command, ClientCommand) else None
         await conn.execute(INSERT_EVENT, event_id, command.account_id, event_type, obj["id"],
                            obj, previous, command.request_id, key, self._events_exchange)
-        await conn.execute(NOTIFY_EVENTS)
 
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
