@@ -39,10 +39,6 @@ TRANSITIONS: Mapping[Action, Mapping[S, S]] = {
 TERMINAL = frozenset({S.SUCCEEDED, S.CANCELED})
 
 
-def allowed(action: Action, status: S) -> bool:
-    return status in TRANSITIONS[action]
-
-
 def next_status(action: Action, status: S) -> S:
     """The status `action` leads to from `status`, or UnexpectedState."""
     try:
