@@ -1,0 +1,61 @@
+"""A dependency that is down: the edge answers 503 with Stripe-Should-Retry, accepts nothing,
+and works again, with the same Idempotency-Key, once the dependency is back."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aio_pika
+
+from contracts.topology import Topology, declare
+from tests.conftest import make_settings, stack
+
+VALID = {"amount": "1000", "currency": "usd", "payment_method": "pm_card_visa",
+         "confirm": "true"}
+
+
+async def test_redis_unreachable(migrated: None) -> None:
+    # Nothing listens on port 1: every Redis call fails to connect.
+    async with stack(make_settings(redis_url="redis://127.0.0.1:1/0"), processor=False) as s:
+        api = await s.client()
+        reply = await api.post("/v1/payment_intents", VALID)
+        assert reply.status == 503
+        assert reply.error["type"] == "api_error"
+        assert reply.headers["Stripe-Should-Retry"] == "true"
+        read = await api.get(f"/v1/payment_intents/pi_{'a' * 24}")
+        assert read.status == 503
+        ready = await api.get("/ready", auth=None)
+        assert ready.status == 503 and ready.body["checks"]["redis"] != "ok"
+        assert await api.db.fetchval(
+            "SELECT count(*) FROM inbox WHERE account_id = $1", api.account_id) == 0
+
+
+async def test_lost_exchange_is_503_then_recovers(migrated: None) -> None:
+    """The commands exchange vanishes (an operator's mistake, a broker reset): publishes fail
+    and are answered 503, the key is released and no 425 marker stays behind; once the
+    topology is back the same request succeeds and is applied once."""
+    async with stack() as s:
+        api = await s.client()
+        topology = Topology(s.settings.amqp_prefix, s.settings.partitions)
+        connection = await aio_pika.connect(s.settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.exchange_delete(topology.commands)
+            key = str(uuid.uuid4())
+            reply = await api.post("/v1/payment_intents", VALID, key=key)
+            assert reply.status == 503, reply.body
+            assert reply.headers["Stripe-Should-Retry"] == "true"
+            assert await s.redis.exists(f"idem:{api.account_id}:{key}") == 0
+            await declare(channel, topology)
+        async with asyncio.timeout(20):
+            while True:
+                retry = await api.post("/v1/payment_intents", VALID, key=key)
+                if retry.status == 202:
+                    break
+                assert retry.status == 503, retry.body
+                await asyncio.sleep(0.2)
+        done = await api.wait_for(retry.body["id"], ["succeeded"])
+        assert done["amount_received"] == 1000
+        assert await api.db.fetchval(
+            "SELECT count(*) FROM payment_intents WHERE account_id = $1", api.account_id) == 1
