@@ -24,3 +24,7 @@ INTENTS_IN_PROGRESS = Gauge(
     "payonce_processor_intents_in_progress", "Intents with commands being applied"
 )
 EVENTS_PUBLISHED = Counter("payonce_processor_events_published_total", "Events relayed")
+OUTBOX_LAG = Gauge(
+    "payonce_processor_outbox_lag_seconds",
+    "Age of the oldest event not yet published, as the relay last saw it (0 when caught up)",
+)

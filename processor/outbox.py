@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from typing import Any
 
@@ -69,6 +70,8 @@ class OutboxRelay:
             exchange = await channel.get_exchange(self._topology.events)
             while not self._stopping:
                 rows = await conn.fetch(UNPUBLISHED, self._topology.events, BATCH)
+                oldest = rows[0]["created"].timestamp() if rows else time.time()
+                metrics.OUTBOX_LAG.set(time.time() - oldest)
                 if rows:
                     await self._publish(exchange, rows)
                     await conn.execute(MARK_PUBLISHED, [r["seq"] for r in rows])

@@ -247,3 +247,25 @@ async def test_reads_never_go_back_behind_an_accepted_confirm(migrated: None) ->
         await s.start_processor()
         done = await api.wait_for(created.body["id"], ["succeeded"])
         assert done["latest_charge"]
+
+
+async def test_metrics_and_processor_health(shared: Stack, api: Client) -> None:
+    created = await api.create(amount=100, currency="usd", payment_method="pm_card_visa",
+                               confirm=True)
+    await api.wait_for(created.body["id"], ["succeeded"])
+    edge = await api.get("/metrics", auth=None)
+    assert edge.status == 200
+    assert 'payonce_edge_requests_total{method="POST",route="/v1/payment_intents",status="202"}' \
+        in edge.body
+    assert shared.processor is not None and shared.processor.port
+    base = f"http://127.0.0.1:{shared.processor.port}"
+    async with api.session.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    assert 'payonce_processor_commands_total{command="payment_intent.psp_result",' \
+           'outcome="applied"}' in text
+    assert 'payonce_processor_psp_calls_total{result="succeeded"}' in text
+    assert "payonce_processor_outbox_lag_seconds" in text
+    for path in ("/health", "/ready"):
+        async with api.session.get(base + path) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["status"] == "ok"
