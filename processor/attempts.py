@@ -109,6 +109,7 @@ class AttemptRunner:
                 log.warning("attempt interrupted; the sweeper resumes it",
                             extra={"ids": {"attempt": attempt_id, "error": repr(exc)}})
             except Exception:
+                metrics.TRANSIENT_FAILURES.labels("attempt_unexpected").inc()
                 log.exception("attempt failed; the sweeper resumes it",
                               extra={"ids": {"attempt": attempt_id}})
 
