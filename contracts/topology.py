@@ -76,6 +76,16 @@ async def declare(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> 
     await channel.declare_exchange(topology.events, durable.TOPIC, durable=True)
 
 
+async def delete(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
+    """Delete every queue and exchange of a topology, with what they hold (benchmarks and
+    tests, which make one of their own)."""
+    queues = [topology.queue(p) for p in range(topology.partitions)] + [topology.dead]
+    for queue in queues:
+        await channel.queue_delete(queue)
+    for exchange in (topology.commands, topology.events, topology.dead):
+        await channel.exchange_delete(exchange)
+
+
 class PublishFailed(Exception):
     """RabbitMQ did not confirm a command: it may or may not be queued."""
 

@@ -28,9 +28,11 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
 import aiohttp
 import asyncpg
 
+from contracts.topology import Topology, delete
 from ops.accounts import create_account
 from ops.migrate import migrate
 from ops.settings import Settings
@@ -86,8 +88,9 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
     conn = await asyncpg.connect(database_url)
     account = await create_account(conn, "bench")
     port = _free_port()
+    topology = Topology(f"payonce_bench.{uuid.uuid4().hex[:6]}", settings.partitions)
     env = {**os.environ, "PAYONCE_DATABASE_URL": database_url,
-           "PAYONCE_AMQP_PREFIX": f"payonce_bench.{uuid.uuid4().hex[:6]}",
+           "PAYONCE_AMQP_PREFIX": topology.prefix,
            "PAYONCE_SECRET": "bench-secret", "PAYONCE_EDGE_PORT": str(port),
            "PAYONCE_EDGE_HOST": "127.0.0.1", "PAYONCE_PSP_LATENCY_MS": latency,
            "PAYONCE_PROCESSOR_METRICS_PORT": str(_free_port()), "PAYONCE_LOG_LEVEL": "WARNING"}
@@ -140,6 +143,9 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
         for proc in procs:
             proc.wait(30)
         await conn.close()
+        amqp = await aio_pika.connect(settings.amqp_url)
+        async with amqp:
+            await delete(await amqp.channel(), topology)
 
     cpu = _cpu()
     print(f"""

@@ -28,7 +28,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
-from contracts.topology import Topology
+from contracts.topology import Topology, delete
 from edge.app import create_app
 from ops.accounts import create_account
 from ops.migrate import migrate
@@ -159,14 +159,10 @@ def form(params: dict[str, Any]) -> dict[str, str]:
 
 
 async def delete_topology(settings: Settings) -> None:
-    topology = Topology(settings.amqp_prefix, settings.partitions)
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
-        channel = await connection.channel()
-        for name in [topology.queue(p) for p in range(settings.partitions)] + [topology.dead]:
-            await channel.queue_delete(name)
-        for name in (topology.commands, topology.events, topology.dead):
-            await channel.exchange_delete(name)
+        await delete(await connection.channel(), Topology(settings.amqp_prefix,
+                                                          settings.partitions))
 
 
 @dataclass
