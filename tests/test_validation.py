@@ -360,7 +360,7 @@ async def test_unknown_route_and_method(api: Client, method: str, path: str, sta
     "pi_" + "A" * 24, "pi_nope", "ch_" + "A" * 24, "pi_%00" + "A" * 23, "x" * 2000,
 ], ids=["well formed", "short", "other prefix", "NUL", "long"])
 async def test_missing_intent(api: Client, shared: Stack, intent_id: str) -> None:
-    """A NUL in the path once reached Postgres as text: a 500."""
+    """Ids that could never be ours, one with a NUL among them, are 404 on every route."""
     for method, path in [("GET", f"/v1/payment_intents/{intent_id}"),
                          ("GET", f"/v1/payment_intents/{intent_id}/charge")]:
         assert_error(await api.request(method, path), 404, "resource_missing", "intent")
@@ -436,7 +436,7 @@ async def test_get_with_an_unknown_query_parameter(api: Client, query: str, para
 async def test_request_id_is_echoed_only_when_safe(api: Client, shared: Stack) -> None:
     mine = await api.post("/v1/payment_intents", VALID, headers={"X-Request-Id": "req_mine-1"})
     assert mine.status == 202 and mine.headers["Request-Id"] == "req_mine-1"
-    # Undecodable bytes once broke the command's encoding after the key was claimed: a 500.
+    # Undecodable bytes would break the command's encoding after the key was claimed.
     key = str(uuid.uuid4())
     status, response = await raw_request(
         shared.base_url,
