@@ -39,10 +39,11 @@ UPDATE payment_attempts
 SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
 WHERE id = $1
 """
+# A concurrent runner may have stored a result first: the stored one is kept and returned.
 STORE_RESULT = """
-UPDATE payment_attempts SET result = $2, updated_at = now() WHERE id = $1 AND result IS NULL
+UPDATE payment_attempts SET result = COALESCE(result, $2), updated_at = now() WHERE id = $1
+RETURNING result
 """
-FETCH_RESULT = "SELECT result FROM payment_attempts WHERE id = $1"
 REPORTED = """
 UPDATE payment_attempts SET state = 'reported', locked_until = NULL, updated_at = now()
 WHERE id = $1 AND state = 'pending'
@@ -121,9 +122,8 @@ class AttemptRunner:
             return
         failpoints.hit("processor.after_psp_call")
         if stored is None:
-            await self._pool.execute(STORE_RESULT, attempt_id, result.to_json())
-            # A concurrent runner may have stored first; report the stored one either way.
-            result = PSPResult.from_json(await self._pool.fetchval(FETCH_RESULT, attempt_id))
+            result = PSPResult.from_json(
+                await self._pool.fetchval(STORE_RESULT, attempt_id, result.to_json()))
         command = ApplyPSPResult(
             account_id=attempt["account_id"], intent_id=attempt["payment_intent_id"],
             request_id=attempt["request_id"] or "", accepted_at=int(time.time()),

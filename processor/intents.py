@@ -49,8 +49,12 @@ INSERT INTO payment_attempts (id, account_id, payment_intent_id, charge_id, psp_
                               currency, payment_method, request_id, commands_exchange)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 """
-LOCK_ATTEMPT = "SELECT * FROM payment_attempts WHERE id = $1 FOR UPDATE"
-SETTLE_ATTEMPT = "UPDATE payment_attempts SET state = 'settled', updated_at = now() WHERE id = $1"
+# Settles the attempt, or returns nothing when it is unknown or already settled.
+SETTLE_ATTEMPT = """
+UPDATE payment_attempts SET state = 'settled', updated_at = now()
+WHERE id = $1 AND state <> 'settled'
+RETURNING *
+"""
 INSERT_CHARGE = """
 INSERT INTO charges (id, account_id, payment_intent_id, attempt_id, amount, amount_captured,
                      currency, status, payment_method, authorization_code, failure_code,
@@ -158,11 +162,9 @@ class Intents:
         return Applied("applied", attempts=[attempt_id])
 
     async def _apply_psp_result(self, conn: Any, r: ApplyPSPResult) -> Applied:
-        attempt = await conn.fetchrow(LOCK_ATTEMPT, r.attempt_id)
+        attempt = await conn.fetchrow(SETTLE_ATTEMPT, r.attempt_id)
         if attempt is None:
-            return Applied("rejected", detail="unknown attempt")
-        if attempt["state"] == "settled":
-            return Applied("duplicate")
+            return Applied("duplicate", detail="attempt already settled, or unknown")
         row = await conn.fetchrow(LOCK_INTENT, attempt["payment_intent_id"], r.account_id)
         charge = await conn.fetchrow(
             INSERT_CHARGE, attempt["charge_id"], r.account_id, row["id"], attempt["id"],
@@ -170,7 +172,6 @@ class Intents:
             ChargeStatus.SUCCEEDED if r.succeeded else ChargeStatus.FAILED,
             attempt["payment_method"], r.authorization_code, r.failure_code,
             r.failure_message, r.decline_code)
-        await conn.execute(SETTLE_ATTEMPT, attempt["id"])
         action = Action.PSP_SUCCEEDED if r.succeeded else Action.PSP_DECLINED
         try:
             status = next_status(action, IntentStatus(row["status"]))

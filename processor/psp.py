@@ -93,7 +93,7 @@ INSERT INTO psp.charges (idempotency_key, request_hash, amount, currency, paymen
                          outcome, authorization_code, failure_code, decline_code, failure_message)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (idempotency_key) DO NOTHING
-RETURNING idempotency_key
+RETURNING *
 """
 FETCH_CHARGE = "SELECT * FROM psp.charges WHERE idempotency_key = $1"
 
@@ -141,16 +141,15 @@ class SimulatedPSP:
             await asyncio.Event().wait()  # never answers; the caller's timeout fires
         request_hash = hashlib.sha256(f"{amount}:{currency}:{payment_method}".encode()).hexdigest()
         decided = self._decide(payment_method)
-        async with self._pool.acquire() as conn:
-            inserted = await conn.fetchval(
-                INSERT_CHARGE, key, request_hash, amount, currency, payment_method,
-                "captured" if decided.succeeded else "declined", decided.authorization_code,
-                decided.failure_code, decided.decline_code, decided.failure_message)
-            row = await conn.fetchrow(FETCH_CHARGE, key)
+        row = await self._pool.fetchrow(
+            INSERT_CHARGE, key, request_hash, amount, currency, payment_method,
+            "captured" if decided.succeeded else "declined", decided.authorization_code,
+            decided.failure_code, decided.decline_code, decided.failure_message)
+        if row is None:  # the key was seen before: answer what was decided then
+            row = await self._pool.fetchrow(FETCH_CHARGE, key)
+            log.info("psp replayed a charge", extra={"ids": {"psp_key": key}})
         if row["request_hash"] != request_hash:
             raise PSPRejected("idempotency key reused with different parameters")
-        if inserted is None:
-            log.info("psp replayed a charge", extra={"ids": {"psp_key": key}})
         if roll < s.psp_error_rate + s.psp_timeout_rate + s.psp_lost_reply_rate:
             await asyncio.Event().wait()  # committed, but the reply is lost
         return _result(row)
