@@ -154,9 +154,7 @@ def unavailable(dependency: str, exc: BaseException) -> ServiceUnavailable:
         "Idempotency-Key.", headers={"Stripe-Should-Retry": "true"})
 
 
-async def applied_before(
-    request: web.Request, key: str, fp: str, intent_id: str
-) -> Outcome | None:
+async def applied_before(request: web.Request, key: str, fp: str) -> Outcome | None:
     """The answer for a key Postgres remembers and Redis forgot (flushed, or the edge died
     between publishing and storing): the intent as it is now, marked as a replay."""
     db = request.app[DB]
@@ -165,7 +163,7 @@ async def applied_before(
         return None
     if row["fingerprint"] != fp:
         raise mismatch(key)
-    intent = await db.fetchrow(FETCH_INTENT, row["object_id"] or intent_id, request[ACCOUNT_ID])
+    intent = await db.fetchrow(FETCH_INTENT, row["object_id"], request[ACCOUNT_ID])
     if intent is None:
         return None
     metrics.IDEMPOTENCY.labels("replayed_from_postgres").inc()
@@ -215,7 +213,7 @@ async def create_intent(request: web.Request) -> web.Response:
     intent_id = ids.intent_id(settings.secret_bytes, account_id, key)
 
     async def execute() -> Outcome:
-        replay = await applied_before(request, key, fp, intent_id)
+        replay = await applied_before(request, key, fp)
         if replay is not None:
             return replay
         if values["confirm"]:
@@ -285,7 +283,7 @@ async def confirm_intent(request: web.Request) -> web.Response:
     account_id = request[ACCOUNT_ID]
 
     async def execute() -> Outcome:
-        replay = await applied_before(request, key, fp, intent_id)
+        replay = await applied_before(request, key, fp)
         if replay is not None:
             return replay
         current, _, _ = await current_view(request, intent_id)

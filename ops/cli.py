@@ -17,11 +17,13 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from edge.app import create_app
 from ops import logs
 from ops.accounts import create_account
 from ops.deadletters import list_dead, replay_dead
 from ops.migrate import migrate
 from ops.settings import Settings, SettingsError
+from processor.app import Processor
 
 log = logging.getLogger("payonce")
 
@@ -32,9 +34,6 @@ EDGE_SHUTDOWN_S = 15.0
 async def serve(settings: Settings, *, edge: bool, processor: bool) -> None:
     """Run the edge and/or the processor until SIGINT or SIGTERM, then stop gracefully:
     the edge stops accepting and finishes its requests, the processor finishes its commands."""
-    from edge.app import create_app
-    from processor.app import Processor
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

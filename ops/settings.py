@@ -25,6 +25,7 @@ class Settings:
 
     edge_host: str = "0.0.0.0"
     edge_port: int = 8080
+    processor_host: str = "0.0.0.0"
     processor_metrics_port: int = 9101
     log_format: str = "json"
     log_level: str = "INFO"

@@ -78,7 +78,7 @@ class Processor:
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.edge_host,
+        site = web.TCPSite(self._runner, self.settings.processor_host,
                            self.settings.processor_metrics_port)
         await site.start()
         self.port = self._runner.addresses[0][1]

@@ -40,14 +40,17 @@ class KeyedRunner:
 
     def __init__(self) -> None:
         self._tails: dict[str, asyncio.Task[None]] = {}
+        self._all: set[asyncio.Task[None]] = set()
 
     def submit(self, key: str, job: Callable[[], Awaitable[None]]) -> None:
         previous = self._tails.get(key)
         task = asyncio.create_task(self._after(previous, job))
         self._tails[key] = task
+        self._all.add(task)
         metrics.INTENTS_IN_PROGRESS.set(len(self._tails))
 
         def forget(done: asyncio.Task[None]) -> None:
+            self._all.discard(done)
             if self._tails.get(key) is done:
                 del self._tails[key]
                 metrics.INTENTS_IN_PROGRESS.set(len(self._tails))
@@ -63,14 +66,13 @@ class KeyedRunner:
         await job()
 
     async def drain(self, within_s: float) -> bool:
-        tails = list(self._tails.values())
-        if not tails:
+        if not self._all:
             return True
-        _, pending = await asyncio.wait(tails, timeout=within_s)
+        _, pending = await asyncio.wait(list(self._all), timeout=within_s)
         return not pending
 
     def cancel(self) -> None:
-        for task in self._tails.values():
+        for task in self._all:
             task.cancel()
 
 

@@ -50,6 +50,7 @@ def make_settings(**overrides: Any) -> Settings:
         "secret": "payonce-test-secret",
         "amqp_prefix": f"payonce_test.{uuid.uuid4().hex[:8]}",
         "edge_host": "127.0.0.1",
+        "processor_host": "127.0.0.1",
         "edge_port": 0,
         "processor_metrics_port": 0,
         "log_format": "text",
