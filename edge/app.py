@@ -25,9 +25,10 @@ from contracts.errors import (
 from contracts.pending import PendingCommands
 from contracts.topology import CommandPublisher, Topology, declare
 from edge import metrics
+from edge.accept import json_response
 from edge.auth import KeyCache, key_from_header
 from edge.idempotency import IdempotencyStore
-from edge.intents import json_response, routes
+from edge.intents import routes
 from edge.keys import (
     ACCOUNT_ID,
     AMQP,

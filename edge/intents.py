@@ -5,52 +5,46 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from contracts import ids, objects
-from contracts.commands import ClientCommand, ConfirmIntent, CreateIntent
+from contracts.commands import ConfirmIntent, CreateIntent
 from contracts.enums import IntentStatus
 from contracts.errors import (
-    IdempotencyKeyInUse,
-    IdempotencyMismatch,
     InvalidRequest,
-    PayloadTooLarge,
     ResourceMissing,
-    ServiceUnavailable,
     TooEarly,
 )
-from contracts.topology import PublishFailed
 from contracts.transitions import Action, next_status
-from edge import metrics, params
-from edge.idempotency import Claim, check_key, fingerprint, mismatch
+from edge import params
+from edge.accept import (
+    FETCH_INTENT,
+    Outcome,
+    accept,
+    applied_before,
+    idempotent,
+    json_response,
+    unavailable,
+)
+from edge.idempotency import check_key, fingerprint
 from edge.keys import (
     ACCOUNT_ID,
     AMQP,
     DB,
-    IDEMPOTENCY,
     PENDING,
-    PUBLISHER,
     REDIS,
     REQUEST_ID,
     SETTINGS,
 )
-from ops import failpoints
 from ops.logs import bound
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-FETCH_INTENT = "SELECT * FROM payment_intents WHERE id = $1 AND account_id = $2"
 FETCH_CHARGE = "SELECT * FROM charges WHERE id = $1 AND account_id = $2"
-FETCH_INBOX = """
-SELECT fingerprint, object_id FROM inbox WHERE account_id = $1 AND idempotency_key = $2
-"""
 APPLIED_KEYS = """
 SELECT idempotency_key FROM inbox WHERE account_id = $1 AND idempotency_key = ANY($2::text[])
 """
@@ -63,150 +57,10 @@ INTENT_ID = re.compile(r"pi_[0-9A-Za-z]{24}")
 RETRY_AFTER_S = "1"
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    status: int
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def json_response(
-    obj: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(obj), status=status, content_type="application/json", headers=headers
-    )
-
-
-async def read_params(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SETTINGS].max_body_bytes
-        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.") from None
-    except web.RequestPayloadError:  # e.g. a Content-Encoding the body does not match
-        raise InvalidRequest("The request body could not be read or decoded.") from None
-    if not body.strip():
-        return {}
-    ctype = request.content_type
-    if ctype == "application/json":
-        return params.parse_json(body)
-    if ctype == "application/x-www-form-urlencoded":
-        try:
-            text = body.decode(request.charset or "utf-8")
-        except (UnicodeDecodeError, LookupError):
-            raise InvalidRequest("The request body is not valid UTF-8.") from None
-        return params.parse_form(text)
-    raise InvalidRequest(
-        f"Unsupported Content-Type {ctype!r}: send application/x-www-form-urlencoded or "
-        "application/json.", code="invalid_content_type")
-
-
-async def idempotent(
-    request: web.Request, key: str, fp: str, execute: Callable[[], Awaitable[Outcome]]
-) -> web.Response:
-    """Run `execute` once per (account, Idempotency-Key); replay its answer to retries.
-
-    Only successful answers are stored: an error releases the key, so a corrected or later
-    retry of the same request runs again (the processor's inbox still dedupes the command).
-    """
-    store = request.app[IDEMPOTENCY]
-    account_id = request[ACCOUNT_ID]
-    try:
-        claimed = await store.claim(account_id, key, fp)
-    except RedisError as exc:
-        metrics.DEPENDENCY_ERRORS.labels("redis").inc()
-        raise unavailable("redis", exc) from exc
-    except IdempotencyMismatch:
-        metrics.IDEMPOTENCY.labels("mismatch").inc()
-        raise
-    except IdempotencyKeyInUse:
-        metrics.IDEMPOTENCY.labels("in_use").inc()
-        raise
-    if not isinstance(claimed, Claim):
-        metrics.IDEMPOTENCY.labels("replayed").inc()
-        return web.Response(body=claimed.body, status=claimed.status,
-                            content_type="application/json",
-                            headers={"Idempotent-Replayed": "true"})
-    try:
-        outcome = await execute()
-    except BaseException:
-        try:
-            await store.release(claimed)
-        except RedisError:
-            log.warning("could not release idempotency key; it frees itself when its lock expires")
-        raise
-    try:
-        await store.finish(claimed, fp, outcome.status, outcome.body)
-    except RedisError:
-        metrics.DEPENDENCY_ERRORS.labels("redis").inc()
-        log.warning("could not store the response; a retry is answered from Postgres")
-    metrics.IDEMPOTENCY.labels("new").inc()
-    return web.Response(body=outcome.body, status=outcome.status,
-                        content_type="application/json", headers=outcome.headers)
-
-
-def unavailable(dependency: str, exc: BaseException) -> ServiceUnavailable:
-    log.error("dependency unavailable", extra={"ids": {"dependency": dependency,
-                                                       "error": f"{type(exc).__name__}: {exc}"}})
-    return ServiceUnavailable(
-        "payonce could not reach one of its services; nothing was done. Retry with the same "
-        "Idempotency-Key.", headers={"Stripe-Should-Retry": "true"})
-
-
-async def applied_before(request: web.Request, key: str, fp: str) -> Outcome | None:
-    """The answer for a key Postgres remembers and Redis forgot (flushed, or the edge died
-    between publishing and storing): the intent as it is now, marked as a replay."""
-    db = request.app[DB]
-    row = await db.fetchrow(FETCH_INBOX, request[ACCOUNT_ID], key)
-    if row is None:
-        return None
-    if row["fingerprint"] != fp:
-        raise mismatch(key)
-    intent = await db.fetchrow(FETCH_INTENT, row["object_id"], request[ACCOUNT_ID])
-    if intent is None:
-        return None
-    metrics.IDEMPOTENCY.labels("replayed_from_postgres").inc()
-    body = orjson.dumps(objects.payment_intent(intent, request.app[SETTINGS].secret_bytes))
-    return Outcome(202, body, {"Idempotent-Replayed": "true"})
-
-
-async def accept(
-    request: web.Request, command: ClientCommand, projected: dict[str, Any]
-) -> Outcome:
-    """Record the command as pending, publish it and wait for RabbitMQ's confirm: a 202 is
-    only ever answered for a command that is durably queued."""
-    app = request.app
-    pending = app[PENDING]
-    account_id, intent_id, key = command.account_id, command.intent_id, command.idempotency_key
-    try:
-        await pending.add(account_id, intent_id, key, projected)
-    except RedisError as exc:
-        raise unavailable("redis", exc) from exc
-    try:
-        await app[PUBLISHER].publish(command)
-    except BaseException as exc:
-        # Whatever stopped the publish, no 202 follows: a marker left behind would answer
-        # 425 for an intent that may never exist, for the marker's whole lifetime.
-        metrics.PUBLISHES.labels(command.TYPE, "failed").inc()
-        try:
-            await pending.remove(account_id, intent_id, key)
-        except RedisError:
-            log.warning("could not remove the pending marker of an unpublished command")
-        if isinstance(exc, PublishFailed):
-            raise unavailable("rabbitmq", exc) from exc
-        raise
-    metrics.PUBLISHES.labels(command.TYPE, "confirmed").inc()
-    failpoints.hit("edge.after_publish")
-    log.info("command accepted", extra={"ids": {"command": command.TYPE,
-                                                "message_id": command.message_id}})
-    return Outcome(202, orjson.dumps(projected))
-
-
 @routes.post("/v1/payment_intents")
 async def create_intent(request: web.Request) -> web.Response:
     key = check_key(request.headers.get("Idempotency-Key"))
-    values = params.create_intent(await read_params(request))
+    values = params.create_intent(await params.read_params(request))
     fp = fingerprint("POST", "/v1/payment_intents", values)
     settings = request.app[SETTINGS]
     account_id = request[ACCOUNT_ID]
@@ -278,7 +132,7 @@ def no_such_intent(intent_id: str) -> ResourceMissing:
 async def confirm_intent(request: web.Request) -> web.Response:
     intent_id = request.match_info["id"]
     key = check_key(request.headers.get("Idempotency-Key"))
-    values = params.confirm_intent(await read_params(request))
+    values = params.confirm_intent(await params.read_params(request))
     fp = fingerprint("POST", f"/v1/payment_intents/{intent_id}/confirm", values)
     account_id = request[ACCOUNT_ID]
 

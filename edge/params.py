@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
+from aiohttp import web
 
 from contracts.currencies import CURRENCIES
 from contracts.errors import (
@@ -21,6 +22,7 @@ from contracts.errors import (
     ParameterInvalid,
     ParameterMissing,
     ParameterUnknown,
+    PayloadTooLarge,
     UnexpectedState,
 )
 
@@ -83,6 +85,31 @@ def parse_json(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest("The JSON request body must be an object.")
     return data
+
+
+async def read_params(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.client_max_size
+        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.") from None
+    except web.RequestPayloadError:  # e.g. a Content-Encoding the body does not match
+        raise InvalidRequest("The request body could not be read or decoded.") from None
+    if not body.strip():
+        return {}
+    ctype = request.content_type
+    if ctype == "application/json":
+        return parse_json(body)
+    if ctype == "application/x-www-form-urlencoded":
+        try:
+            text = body.decode(request.charset or "utf-8")
+        except (UnicodeDecodeError, LookupError):
+            raise InvalidRequest("The request body is not valid UTF-8.") from None
+        return parse_form(text)
+    raise InvalidRequest(
+        f"Unsupported Content-Type {ctype!r}: send application/x-www-form-urlencoded or "
+        "application/json.", code="invalid_content_type")
+
 
 
 # ---- field validators: (raw value, param name) -> canonical value --------------------------
