@@ -474,13 +474,13 @@ async def test_internal_error_is_stripe_shaped_and_changes_nothing(
 async def test_dependency_failure_is_503_and_safe_to_retry(
     api: Client, shared: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import edge.accept
+    import edge.intents
 
     async def down(*args: Any) -> Any:
         raise asyncpg.PostgresConnectionError("connection lost")
 
     key = str(uuid.uuid4())
-    monkeypatch.setattr(edge.accept, "applied_before", down)
+    monkeypatch.setattr(edge.intents, "applied_before", down)
     reply = await api.post("/v1/payment_intents", VALID, key=key)
     assert_error(reply, 503, "service_unavailable", None, type_="api_error")
     assert reply.headers["Stripe-Should-Retry"] == "true"
