@@ -1,7 +1,9 @@
 """Stripe-shaped errors.
 
 Every error a client can cause is one of these; the edge's error middleware turns them into
-`{"error": {"type", "code", "message", "param"}}` with the status code here.
+`{"error": {"type", "code", "message", "param"}}` with the status code here. As in Stripe's
+answers, `code`, `param` and `decline_code` are left out where there is none: Stripe's schema
+types them as strings, not nullable ones, and its libraries read a missing key as None.
 """
 
 from __future__ import annotations
@@ -33,15 +35,14 @@ class PayonceError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {
+        error = {
             "type": self.type,
             "code": self.code,
+            "decline_code": self.decline_code,
             "message": self.message,
             "param": self.param,
         }
-        if self.decline_code is not None:
-            error["decline_code"] = self.decline_code
-        return {"error": error}
+        return {"error": {k: v for k, v in error.items() if v is not None}}
 
 
 class InvalidRequest(PayonceError):

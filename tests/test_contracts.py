@@ -7,7 +7,7 @@ import pytest
 from contracts import ids
 from contracts.commands import CommandDecodeError, ConfirmIntent, CreateIntent, decode
 from contracts.enums import IntentStatus as S
-from contracts.errors import InvalidRequest, UnexpectedState
+from contracts.errors import InvalidRequest, PayonceError, ResourceMissing, UnexpectedState
 from contracts.transitions import TERMINAL, TRANSITIONS, Action, next_status
 from edge import params
 
@@ -20,6 +20,16 @@ def test_confirm_only_before_processing() -> None:
             next_status(Action.CONFIRM, status)
         assert raised.value.body()["error"]["code"] == "payment_intent_unexpected_state"
         assert status.value in raised.value.message
+
+
+def test_error_bodies_leave_out_what_is_absent() -> None:
+    """Stripe's schema types code, param and decline_code as strings: absent, never null."""
+    assert PayonceError("boom").body() == {"error": {"type": "api_error", "message": "boom"}}
+    assert ResourceMissing("gone", param="intent").body() == {"error": {
+        "type": "invalid_request_error", "code": "resource_missing", "message": "gone",
+        "param": "intent"}}
+    declined = PayonceError("no", code="card_declined", decline_code="lost_card").body()
+    assert declined["error"]["decline_code"] == "lost_card" and "param" not in declined["error"]
 
 
 def test_terminal_states_have_no_way_out() -> None:
