@@ -3,6 +3,10 @@ parsed into one nested structure and validated per endpoint into canonical value
 
 Canonical values are what the request fingerprint is computed over, so the same parameters
 sent as a form or as JSON are the same request.
+
+Bodies are UTF-8 only, as at Stripe. Text in any other charset can decode to strings UTF-8
+cannot hold (lone surrogates, from utf-7 for one), which would then fail in the fingerprint,
+the command's encoding or Postgres rather than here with a 400.
 """
 
 from __future__ import annotations
@@ -33,16 +37,22 @@ METADATA_VALUE_MAX = 500
 
 _KEY = re.compile(r"([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _INTEGER = re.compile(r"-?[0-9]+")
+_UTF8 = frozenset({"utf-8", "utf8"})
 _PAYMENT_METHOD = re.compile(r"pm_[0-9A-Za-z_]{1,200}")
 # Postgres text and jsonb cannot hold U+0000: refused here rather than failing in the processor.
 _NUL_MESSAGE = "Invalid {}: text parameters cannot contain the NUL character."
 
 
 def parse_form(body: str) -> dict[str, Any]:
-    """`a[b][c]=v` into {"a": {"b": {"c": "v"}}}; `a[0]=x&a[1]=y` into {"a": ["x", "y"]}."""
+    """`a[b][c]=v` into {"a": {"b": {"c": "v"}}}; `a[0]=x&a[1]=y` into {"a": ["x", "y"]}.
+
+    Percent-escapes must decode as UTF-8: `%ff`, or a surrogate encoded as bytes, is refused."""
     try:
         pairs = parse_qsl(body, keep_blank_values=True, strict_parsing=bool(body), errors="strict")
-    except (ValueError, UnicodeDecodeError):
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body has percent-escapes that are not valid UTF-8.") \
+            from None
+    except ValueError:
         raise InvalidRequest("The request body is not valid form encoding.") from None
     root: dict[str, Any] = {}
     for name, value in pairs:
@@ -78,10 +88,12 @@ def _lists(value: Any) -> Any:
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
+    """A JSON object; orjson refuses bytes that are not UTF-8 and `\\ud800`-style escapes of
+    lone surrogates."""
     try:
         data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The JSON request body must be an object.")
     return data
@@ -98,18 +110,22 @@ async def read_params(request: web.Request) -> dict[str, Any]:
     if not body.strip():
         return {}
     ctype = request.content_type
+    if ctype not in ("application/json", "application/x-www-form-urlencoded"):
+        raise InvalidRequest(
+            f"Unsupported Content-Type {ctype[:100]!r}: send application/x-www-form-urlencoded "
+            "or application/json.", code="invalid_content_type")
+    charset = request.charset
+    if charset is not None and charset.lower() not in _UTF8:
+        raise InvalidRequest(
+            f"Unsupported charset {charset[:40]!r}: send the request body as UTF-8, with "
+            "charset=utf-8 or no charset at all.")
     if ctype == "application/json":
         return parse_json(body)
-    if ctype == "application/x-www-form-urlencoded":
-        try:
-            text = body.decode(request.charset or "utf-8")
-        except (UnicodeDecodeError, LookupError):
-            raise InvalidRequest("The request body is not valid UTF-8.") from None
-        return parse_form(text)
-    raise InvalidRequest(
-        f"Unsupported Content-Type {ctype!r}: send application/x-www-form-urlencoded or "
-        "application/json.", code="invalid_content_type")
-
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not valid UTF-8.") from None
+    return parse_form(text)
 
 
 # ---- field validators: (raw value, param name) -> canonical value --------------------------

@@ -14,7 +14,7 @@ import base64
 import gzip
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 import pytest
@@ -197,6 +197,38 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str, str | None]] = [
     ("undeclared charset", {"body": b"amount=100&currency=usd",
                             "content_type": f"{FORM}; charset=no-such-charset"},
      "invalid_request", None),
+    # ---- UTF-8 only: text that UTF-8 cannot hold once reached the fingerprint (a 500).
+    ("utf-7 lone surrogate", {"body": b"description=+2AA-",
+                              "content_type": f"{FORM}; charset=utf-7"}, "invalid_request", None),
+    ("utf-7 valid otherwise", {"body": b"amount=1000&currency=usd",
+                               "content_type": f"{FORM}; charset=utf-7"}, "invalid_request", None),
+    ("latin-1 form", {"body": b"amount=1000&currency=usd&description=caf\xe9",
+                      "content_type": f"{FORM}; charset=iso-8859-1"}, "invalid_request", None),
+    ("json utf-7", {"body": b'{"amount": 1000, "currency": "usd", "description": "+2AA-"}',
+                    "content_type": "application/json; charset=utf-7"}, "invalid_request", None),
+    ("json utf-16", {"body": '{"amount": 1000, "currency": "usd"}'.encode("utf-16"),
+                     "content_type": "application/json; charset=utf-16"},
+     "invalid_request", None),
+    ("percent-encoded surrogate", form("amount=1000&currency=usd&description=%ED%A0%80"),
+     "invalid_request", None),
+    ("percent-encoded overlong NUL", form("amount=1000&currency=usd&description=%C0%80"),
+     "invalid_request", None),
+    ("percent-encoded bad key", form("amount=1000&currency=usd&metadata[%ff]=x"),
+     "invalid_request", None),
+    ("raw bytes not utf-8 in a form", {"body": b"amount=1000&currency=usd&description=\xff",
+                                       "content_type": FORM}, "invalid_request", None),
+    ("raw bytes not utf-8 in json", {"body": b'{"amount": 1000, "currency": "usd", '
+                                             b'"description": "\xff"}',
+                                     "content_type": "application/json"},
+     "invalid_request", None),
+    ("surrogate as raw bytes in json", {"body": b'{"amount": 1000, "currency": "usd", '
+                                                b'"description": "\xed\xa0\x80"}',
+                                        "content_type": "application/json"},
+     "invalid_request", None),
+    ("json lone low surrogate", raw_json('{"amount": 1000, "currency": "usd", "description": '
+                                         '"\\udc00\\ud800"}'), "invalid_request", None),
+    ("json surrogate in a key", raw_json('{"amount": 1000, "currency": "usd", "metadata": '
+                                         '{"\\ud800": "x"}}'), "invalid_request", None),
 ]
 
 
@@ -221,6 +253,26 @@ async def test_json_string_of_digits_is_an_integer(api: Client) -> None:
     again = await api.post("/v1/payment_intents", {"amount": "12", "currency": "usd"}, key=key)
     assert again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
     assert again.body["id"] == created.body["id"]
+
+
+@pytest.mark.parametrize("content_type", [
+    FORM, f"{FORM}; charset=utf-8", f"{FORM}; charset=UTF-8", f"{FORM}; charset=utf8",
+    f'{FORM}; charset="utf-8"', "application/json", "application/json; charset=utf-8",
+])
+async def test_utf8_is_accepted_however_it_is_named(api: Client, content_type: str) -> None:
+    """A missing charset means UTF-8; text outside the BMP arrives whole (as a surrogate pair
+    escape in JSON, as four percent-escaped bytes in a form)."""
+    text = "café ☕ 𝄞"
+    if content_type.startswith("application/json"):
+        body = b'{"amount": 1000, "currency": "usd", "description": "caf\\u00e9 \xe2\x98\x95 ' \
+            b'\\ud834\\udd1e"}'
+    else:
+        body = b"amount=1000&currency=usd&description=" + quote(text).encode()
+    created = await api.post("/v1/payment_intents", body=body, content_type=content_type)
+    assert created.status == 202, created.body
+    assert created.body["description"] == text
+    applied = await api.wait_for(created.body["id"], ["requires_payment_method"])
+    assert applied["description"] == text
 
 
 async def test_body_over_64_kib(api: Client, shared: Stack) -> None:
