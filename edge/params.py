@@ -2,7 +2,9 @@
 parsed into one nested structure and validated per endpoint into canonical values.
 
 Canonical values are what the request fingerprint is computed over, so the same parameters
-sent as a form or as JSON are the same request.
+sent as a form or as JSON are the same request. The form parser makes hashes only: whether
+`x[0]=a` is a list or a hash with the key "0" (a metadata key, say) is for the endpoint's
+schema to say, and `list_of` reads Stripe's indexed lists back into lists.
 
 Bodies are UTF-8 only, as at Stripe. Text in any other charset can decode to strings UTF-8
 cannot hold (lone surrogates, from utf-7 for one), which would then fail in the fingerprint,
@@ -44,7 +46,7 @@ _NUL_MESSAGE = "Invalid {}: text parameters cannot contain the NUL character."
 
 
 def parse_form(body: str) -> dict[str, Any]:
-    """`a[b][c]=v` into {"a": {"b": {"c": "v"}}}; `a[0]=x&a[1]=y` into {"a": ["x", "y"]}.
+    """`a[b][c]=v` into {"a": {"b": {"c": "v"}}}, `a[0]=x` into {"a": {"0": "x"}}.
 
     Percent-escapes must decode as UTF-8: `%ff`, or a surrogate encoded as bytes, is refused."""
     try:
@@ -75,16 +77,7 @@ def parse_form(body: str) -> dict[str, Any]:
                 if not isinstance(child, dict):
                     raise InvalidRequest(f"Invalid hash: {name}.", param=name)
                 node = child
-    return {k: _lists(v) for k, v in root.items()}
-
-
-def _lists(value: Any) -> Any:
-    if not isinstance(value, dict):
-        return value
-    value = {k: _lists(v) for k, v in value.items()}
-    if value and all(k.isdigit() for k in value):
-        return [value[k] for k in sorted(value, key=int)]
-    return value
+    return root
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -194,6 +187,26 @@ def payment_method(value: Any, param: str) -> str:
         raise ParameterInvalid(f"No such PaymentMethod: '{str(value)[:60]}'.",
                                code="resource_missing", param=param)
     return value
+
+
+def list_of(check: Callable[[Any, str], Any], max_items: int) -> Callable[[Any, str], list[Any]]:
+    """A list parameter, from a JSON array or Stripe's indexed form encoding: `expand[0]=a&
+    expand[1]=b` parses as {"0": "a", "1": "b"}, read back in index order. Indexes run from 0
+    without gaps, as Stripe's libraries send them."""
+
+    def check_list(value: Any, param: str) -> list[Any]:
+        if isinstance(value, dict):
+            if set(value) != {str(i) for i in range(len(value))}:
+                raise ParameterInvalid(f"Invalid array: {param} takes {param}[0], {param}[1], "
+                                       "… in order.", param=param)
+            value = [value[str(i)] for i in range(len(value))]
+        if not isinstance(value, list):
+            raise ParameterInvalid(f"Invalid array: {param} must be a list.", param=param)
+        if len(value) > max_items:
+            raise ParameterInvalid(f"{param} can have at most {max_items} items.", param=param)
+        return [check(item, f"{param}[{i}]") for i, item in enumerate(value)]
+
+    return check_list
 
 
 def metadata(value: Any, param: str) -> dict[str, str]:

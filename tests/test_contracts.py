@@ -92,10 +92,31 @@ def test_form_and_json_give_the_same_canonical_parameters() -> None:
     assert form == body
 
 
-def test_form_nesting_and_lists() -> None:
+def test_form_nesting_makes_hashes() -> None:
     parsed = params.parse_form("a[b][c]=1&x[0]=p&x[1]=q&e=")
-    assert parsed == {"a": {"b": {"c": "1"}}, "x": ["p", "q"], "e": ""}
+    assert parsed == {"a": {"b": {"c": "1"}}, "x": {"0": "p", "1": "q"}, "e": ""}
     with pytest.raises(InvalidRequest):
         params.parse_form("a=1&a=2")
     with pytest.raises(InvalidRequest):
         params.parse_form("a[b=1")
+
+
+def test_numeric_metadata_keys_are_the_same_in_form_and_json() -> None:
+    form = params.create_intent(params.parse_form("amount=100&currency=usd&metadata[1]=x"))
+    body = params.create_intent(params.parse_json(
+        b'{"amount": 100, "currency": "usd", "metadata": {"1": "x"}}'))
+    assert form == body and form["metadata"] == {"1": "x"}
+
+
+def test_lists_from_json_or_indexed_form_keys() -> None:
+    expand = params.list_of(params.string(20), max_items=3)
+    assert expand(params.parse_form("x[1]=q&x[0]=p")["x"], "x") == ["p", "q"]
+    assert expand(["p", "q"], "x") == ["p", "q"]
+    for bad in ({"1": "q"}, {"0": "p", "2": "q"}, {"0": "p", "a": "q"}, {"00": "p"}, "p",
+                ["a", "b", "c", "d"]):
+        with pytest.raises(InvalidRequest) as raised:
+            expand(bad, "x")
+        assert raised.value.param == "x"
+    with pytest.raises(InvalidRequest) as raised:
+        expand({"0": "p", "1": 5}, "x")
+    assert raised.value.param == "x[1]"

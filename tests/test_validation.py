@@ -141,8 +141,8 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str, str | None]] = [
      "parameter_invalid", "metadata[a]"),
     ("metadata not a hash", {"data": {**VALID, "metadata": "abc"}}, "parameter_invalid",
      "metadata"),
-    ("metadata as a list", form("amount=100&currency=usd&metadata[0]=a"), "parameter_invalid",
-     "metadata"),
+    ("json metadata as a list", {"json": {"amount": 100, "currency": "usd", "metadata": ["a"]}},
+     "parameter_invalid", "metadata"),
     ("json metadata value null", {"json": {"amount": 100, "currency": "usd",
                                            "metadata": {"a": None}}},
      "parameter_invalid", "metadata[a]"),
@@ -273,6 +273,21 @@ async def test_utf8_is_accepted_however_it_is_named(api: Client, content_type: s
     assert created.body["description"] == text
     applied = await api.wait_for(created.body["id"], ["requires_payment_method"])
     assert applied["description"] == text
+
+
+async def test_numeric_metadata_keys_are_the_same_request_as_form_or_json(api: Client) -> None:
+    """stripe-python sends {"1": "x"} as metadata[1]=x: a hash, not a list."""
+    key = str(uuid.uuid4())
+    created = await api.post("/v1/payment_intents", {**VALID, "metadata[1]": "x",
+                                                      "metadata[0]": "y"}, key=key)
+    assert created.status == 202, created.body
+    assert created.body["metadata"] == {"0": "y", "1": "x"}
+    again = await api.post("/v1/payment_intents", key=key, json={
+        "amount": 1000, "currency": "usd", "metadata": {"1": "x", "0": "y"}})
+    assert again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.body["id"] == created.body["id"]
+    applied = await api.wait_for(created.body["id"], ["requires_payment_method"])
+    assert applied["metadata"] == {"0": "y", "1": "x"}
 
 
 async def test_body_over_64_kib(api: Client, shared: Stack) -> None:
