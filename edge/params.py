@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 import orjson
 from aiohttp import web
 
-from contracts.currencies import CURRENCIES
+from contracts import currencies
 from contracts.errors import (
     InvalidRequest,
     ParameterInvalid,
@@ -141,22 +141,43 @@ def _integer(value: Any, param: str) -> int:
 
 
 def amount(value: Any, param: str) -> int:
+    """An integer amount up to Stripe's eight digits; its minimum depends on the currency
+    (`charge_amount`)."""
     number = _integer(value, param)
-    if number < 1:
-        raise ParameterInvalid("Amount must be at least 1 in the currency's smallest unit.",
-                               code="amount_too_small", param=param)
     if number > MAX_AMOUNT:
-        raise ParameterInvalid(f"Amount must be no more than {MAX_AMOUNT}.",
-                               code="amount_too_large", param=param)
+        raise ParameterInvalid(f"Amount must be no more than {MAX_AMOUNT:,} in the currency's "
+                               "smallest unit.", code="amount_too_large", param=param)
     return number
 
 
 def currency(value: Any, param: str) -> str:
     code = value.lower() if isinstance(value, str) else None
-    if code not in CURRENCIES:
-        raise ParameterInvalid(f"Invalid currency: {str(value)[:20]}. Use a lowercase ISO 4217 "
-                               "code such as usd.", param=param)
+    if code not in currencies.CURRENCIES:
+        raise ParameterInvalid(f"Invalid currency: {str(value)[:20]}. payonce supports the "
+                               "currencies Stripe does: "
+                               f"{', '.join(sorted(currencies.CURRENCIES))}.", param=param)
     return code
+
+
+def charge_amount(number: int, code: str, param: str) -> None:
+    """Stripe's rules for an amount to charge in a currency: at least its minimum charge, and
+    a multiple of what the currency can be charged in."""
+    minimum = currencies.MINIMUMS[code]
+    if number < minimum:
+        raise ParameterInvalid(
+            f"Amount must be at least {currencies.display(minimum, code)} "
+            f"({minimum} in the currency's smallest unit).", code="amount_too_small", param=param)
+    if code in currencies.HUNDREDTHS_ONLY and number % 100:
+        raise ParameterInvalid(
+            f"Invalid amount. Currency {code.upper()} has become effectively zero-decimal and "
+            "charged amounts must be evenly divisible by 100.",
+            code="invalid_charge_amount_no_decimal_compatible", param=param)
+    if code in currencies.THREE_DECIMAL and number % 10:
+        low = number - number % 10
+        raise ParameterInvalid(
+            f"Invalid amount. Amounts in {code} must end in 0, as cards are charged in tens of "
+            f"its smallest unit: {number} could be {low} or {low + 10}.",
+            code="invalid_charge_amount", param=param)
 
 
 def string(max_length: int) -> Callable[[Any, str], str]:
@@ -280,6 +301,7 @@ CONFIRM_INTENT = {"payment_method": Field(payment_method)}
 
 def create_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
     params = validate(raw, CREATE_INTENT)
+    charge_amount(params["amount"], params["currency"], "amount")
     params["metadata"] = params["metadata"] or {}
     params["confirm"] = bool(params["confirm"])
     if params["confirm"] and params["payment_method"] is None:

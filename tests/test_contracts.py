@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from contracts import ids
+from contracts import currencies, ids
 from contracts.commands import CommandDecodeError, ConfirmIntent, CreateIntent, decode
 from contracts.enums import IntentStatus as S
 from contracts.errors import InvalidRequest, PayonceError, ResourceMissing, UnexpectedState
@@ -120,3 +120,46 @@ def test_lists_from_json_or_indexed_form_keys() -> None:
     with pytest.raises(InvalidRequest) as raised:
         expand({"0": "p", "1": 5}, "x")
     assert raised.value.param == "x[1]"
+
+
+def test_every_currency_has_a_minimum_it_can_be_charged_in() -> None:
+    assert currencies.MINIMUMS.keys() == currencies.CURRENCIES
+    assert set(currencies.STRIPE_MINIMUMS).isdisjoint(currencies.USD_RATES)
+    assert set(currencies.STRIPE_MINIMUMS) | set(currencies.USD_RATES) == currencies.CURRENCIES
+    assert currencies.ZERO_DECIMAL | currencies.THREE_DECIMAL <= currencies.CURRENCIES
+    for code, minimum in currencies.MINIMUMS.items():
+        assert 1 <= minimum <= params.MAX_AMOUNT, code
+        assert minimum % currencies.step(code) == 0, code
+        params.charge_amount(minimum, code, "amount")
+        with pytest.raises(InvalidRequest) as raised:
+            params.charge_amount(minimum - 1, code, "amount")
+        assert raised.value.code in ("amount_too_small", "invalid_charge_amount",
+                                     "invalid_charge_amount_no_decimal_compatible"), code
+    for code, rate in currencies.USD_RATES.items():
+        # The derived minimums are 0.50 USD, rounded up by at most a few cents.
+        in_usd = currencies.MINIMUMS[code] / 10 ** currencies.exponent(code) / float(rate)
+        assert 0.50 <= in_usd < 0.56, (code, in_usd)
+
+
+def test_amounts_follow_the_currency() -> None:
+    assert currencies.MINIMUMS["usd"] == 50 and currencies.MINIMUMS["jpy"] == 50
+    assert currencies.display(50, "usd") == "0.50 usd"
+    assert currencies.display(50, "jpy") == "50 jpy"
+    assert currencies.display(190, "bhd") == "0.190 bhd"
+    assert currencies.display(1234567, "eur") == "12,345.67 eur"
+    with pytest.raises(InvalidRequest) as raised:
+        params.create_intent({"amount": "49", "currency": "USD"})
+    error = raised.value.body()["error"]
+    assert (error["code"], error["param"]) == ("amount_too_small", "amount")
+    assert "0.50 usd" in error["message"]
+    assert params.create_intent({"amount": "5120", "currency": "kwd"})["amount"] == 5120
+    with pytest.raises(InvalidRequest) as raised:
+        params.create_intent({"amount": "5125", "currency": "kwd"})
+    assert raised.value.code == "invalid_charge_amount" and "5120 or 5130" in raised.value.message
+    with pytest.raises(InvalidRequest) as raised:
+        params.create_intent({"amount": "10050", "currency": "isk"})
+    assert raised.value.code == "invalid_charge_amount_no_decimal_compatible"
+    for unsupported in ("irr", "stn", "xau", "USD "):
+        with pytest.raises(InvalidRequest) as raised:
+            params.create_intent({"amount": "1000", "currency": unsupported})
+        assert raised.value.param == "currency"

@@ -106,7 +106,7 @@ async def test_same_key_in_flight_is_409_then_released(api: Client, shared: Stac
     assert_idempotency_error(busy, 409, "idempotency_key_in_use")
     assert busy.headers["Stripe-Should-Retry"] == "true"
     # A different request under a key in flight is not the same request.
-    other = await api.post(CREATE, {**raw, "amount": "5"}, key=key)
+    other = await api.post(CREATE, {**raw, "amount": "500"}, key=key)
     assert_idempotency_error(other, 400, "idempotency_key_reused")
     intent_id = ids.intent_id(shared.settings.secret_bytes, api.account_id, key)
     assert await shared.redis.exists(f"pending:{api.account_id}:{intent_id}") == 0
@@ -126,7 +126,7 @@ async def test_keys_are_scoped_to_the_account(shared: Stack) -> None:
     in_a = await a.post(CREATE, {"amount": "1000", "currency": "usd"}, key=key)
     in_b = await b.post(CREATE, {"amount": "1000", "currency": "usd"}, key=key)
     # Another request under the same key is no mismatch in another account either.
-    in_c = await c.post(CREATE, {"amount": "7", "currency": "eur"}, key=key)
+    in_c = await c.post(CREATE, {"amount": "700", "currency": "eur"}, key=key)
     assert in_a.status == in_b.status == in_c.status == 202
     assert not any("Idempotent-Replayed" in r.headers for r in (in_a, in_b, in_c))
     assert len({in_a.body["id"], in_b.body["id"], in_c.body["id"]}) == 3

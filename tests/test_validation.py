@@ -173,7 +173,7 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str, str | None]] = [
     ("malformed json", raw_json('{"amount": 100, "currency": '), "invalid_request", None),
     ("json array", raw_json('[{"amount": 100, "currency": "usd"}]'), "invalid_request", None),
     ("json string", raw_json('"amount=100"'), "invalid_request", None),
-    ("json lone surrogate", raw_json('{"amount": 1, "currency": "usd", "description": '
+    ("json lone surrogate", raw_json('{"amount": 1000, "currency": "usd", "description": '
                                      '"\\ud800"}'), "invalid_request", None),
     ("text/plain", {"body": b"amount=100&currency=usd", "content_type": "text/plain"},
      "invalid_content_type", None),
@@ -229,6 +229,27 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str, str | None]] = [
                                          '"\\udc00\\ud800"}'), "invalid_request", None),
     ("json surrogate in a key", raw_json('{"amount": 1000, "currency": "usd", "metadata": '
                                          '{"\\ud800": "x"}}'), "invalid_request", None),
+    # ---- Stripe's rules per currency.
+    ("usd below 0.50", {"data": {"amount": "49", "currency": "usd"}}, "amount_too_small",
+     "amount"),
+    ("jpy below 50 yen", {"data": {"amount": "49", "currency": "jpy"}}, "amount_too_small",
+     "amount"),
+    ("gbp below 0.30", {"data": {"amount": "29", "currency": "gbp"}}, "amount_too_small",
+     "amount"),
+    ("idr below its derived minimum", {"data": {"amount": "1000", "currency": "idr"}},
+     "amount_too_small", "amount"),
+    ("kwd not ending in 0", {"data": {"amount": "1005", "currency": "kwd"}},
+     "invalid_charge_amount", "amount"),
+    ("bhd below its minimum", {"data": {"amount": "180", "currency": "bhd"}},
+     "amount_too_small", "amount"),
+    ("isk with fractions", {"data": {"amount": "10050", "currency": "isk"}},
+     "invalid_charge_amount_no_decimal_compatible", "amount"),
+    ("ugx with fractions", {"data": {"amount": "200050", "currency": "ugx"}},
+     "invalid_charge_amount_no_decimal_compatible", "amount"),
+    ("iso currency Stripe does not take", {"data": {"amount": "100000", "currency": "irr"}},
+     "parameter_invalid", "currency"),
+    ("stn (Stripe says std)", {"data": {"amount": "100000", "currency": "stn"}},
+     "parameter_invalid", "currency"),
 ]
 
 
@@ -246,11 +267,11 @@ async def test_json_string_of_digits_is_an_integer(api: Client) -> None:
     """Form encoding sends every value as a string, so JSON may too: "12" is amount 12; the
     same parameters as a form or as JSON are the same request."""
     key = str(uuid.uuid4())
-    created = await api.post("/v1/payment_intents", json={"amount": "12", "currency": "USD"},
+    created = await api.post("/v1/payment_intents", json={"amount": "1200", "currency": "USD"},
                              key=key)
     assert created.status == 202, created.body
-    assert (created.body["amount"], created.body["currency"]) == (12, "usd")
-    again = await api.post("/v1/payment_intents", {"amount": "12", "currency": "usd"}, key=key)
+    assert (created.body["amount"], created.body["currency"]) == (1200, "usd")
+    again = await api.post("/v1/payment_intents", {"amount": "1200", "currency": "usd"}, key=key)
     assert again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
     assert again.body["id"] == created.body["id"]
 
@@ -290,6 +311,18 @@ async def test_numeric_metadata_keys_are_the_same_request_as_form_or_json(api: C
     assert applied["metadata"] == {"0": "y", "1": "x"}
 
 
+@pytest.mark.parametrize(("currency", "amount"), [
+    ("usd", 50), ("gbp", 30), ("jpy", 50), ("krw", 700), ("kwd", 160), ("bhd", 190),
+    ("isk", 6300), ("ugx", 190000), ("eur", 99_999_999), ("std", 1_100_000),
+], ids=["usd", "gbp", "jpy", "krw", "kwd", "bhd", "isk", "ugx", "eur max", "std"])
+async def test_smallest_amount_each_currency_takes(api: Client, currency: str,
+                                                   amount: int) -> None:
+    created = await api.create(amount=amount, currency=currency.upper())
+    assert created.status == 202, created.body
+    applied = await api.wait_for(created.body["id"], ["requires_payment_method"])
+    assert (applied["amount"], applied["currency"]) == (amount, currency)
+
+
 async def test_body_over_64_kib(api: Client, shared: Stack) -> None:
     key = str(uuid.uuid4())
     reply = await api.post("/v1/payment_intents", {**VALID, "description": "d" * 70_000},
@@ -307,9 +340,9 @@ async def test_gzip_body_that_is_not_gzip(api: Client, shared: Stack) -> None:
                            headers={"Content-Encoding": "gzip", "Connection": "close"})
     assert_error(reply, 400, "invalid_request", None)
     await assert_key_still_works(api, shared, key)
-    good = await api.post("/v1/payment_intents", body=gzip.compress(b"amount=7&currency=usd"),
+    good = await api.post("/v1/payment_intents", body=gzip.compress(b"amount=700&currency=usd"),
                           content_type=FORM, headers={"Content-Encoding": "gzip"})
-    assert good.status == 202 and good.body["amount"] == 7
+    assert good.status == 202 and good.body["amount"] == 700
 
 
 # ---- create: the Idempotency-Key header --------------------------------------------------
