@@ -1,10 +1,21 @@
 """Commands accepted but not yet applied, per intent, in Redis.
 
 `pending:{account}:{intent}` is a hash from Idempotency-Key to the object as the command will
-leave it. The edge adds an entry before publishing; the processor removes it once the command
-is committed. Reads use it to answer 425 Too Early instead of 404, and to tell an outcome
-that is still coming from one that will never come. The Postgres inbox settles any entry the
-processor could not remove (Redis down at that moment).
+leave it. Reads use it to answer 425 Too Early instead of 404, and to show a client the state
+its 202 announced even before the processor applied the command.
+
+A marker never outlives the publish it announces:
+
+- the edge adds it before publishing, with a deadline: the end of its request. A marker still
+  `publishing` after its deadline belongs to a publish that failed, timed out or died with its
+  edge; reads ignore and delete it;
+- once RabbitMQ confirmed the command, the edge marks it `queued` (no deadline);
+- the processor removes it when the command is committed, and when the command is
+  dead-lettered (processor/deadletters.py). Reads also drop markers whose command the Postgres
+  inbox has applied, for when Redis was down at that moment.
+
+An entry is `<at ns>:<deadline ns, 0 once queued>:<object JSON>`, so confirming it is a string
+operation in Redis that leaves the object as it was written.
 """
 
 from __future__ import annotations
@@ -15,34 +26,71 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+# Marks a `publishing` entry `queued`, only if it is still there (the processor may have applied
+# and removed it already: it must not come back).
+_CONFIRM = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local at, object = string.match(raw, '^(%d+):%d+:(.*)$')
+if not at then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], at .. ':0:' .. object)
+return 1
+"""
+
 
 def redis_key(account_id: str, intent_id: str) -> str:
     return f"pending:{account_id}:{intent_id}"
+
+
+def _entry(value: bytes | str) -> tuple[int, int, dict[str, Any]]:
+    """(accepted at, deadline or 0, object)."""
+    raw = value.encode() if isinstance(value, str) else value
+    if raw[:1] == b"{":  # the format before deadlines: a queued marker
+        old = orjson.loads(raw)
+        return old["at"], 0, old["object"]
+    at, until, obj = raw.split(b":", 2)
+    return int(at), int(until), orjson.loads(obj)
 
 
 class PendingCommands:
     def __init__(self, redis: aioredis.Redis, *, ttl_s: int) -> None:
         self._redis = redis
         self._ttl_s = ttl_s
+        self._confirm = redis.register_script(_CONFIRM)
 
-    async def add(self, account_id: str, intent_id: str, key: str, obj: dict[str, Any]) -> None:
+    async def add(self, account_id: str, intent_id: str, key: str, obj: dict[str, Any],
+                  *, deadline_ns: int) -> None:
+        """A command about to be published; unless confirmed, the marker means nothing after
+        `deadline_ns` (Unix time)."""
         name = redis_key(account_id, intent_id)
-        entry = orjson.dumps({"at": time.time_ns(), "object": obj})
+        entry = b"%d:%d:%s" % (time.time_ns(), deadline_ns, orjson.dumps(obj))
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(name, key, entry)
             pipe.expire(name, self._ttl_s)
             await pipe.execute()
 
+    async def confirm(self, account_id: str, intent_id: str, key: str) -> None:
+        """RabbitMQ holds the command: the marker stands until the command is applied."""
+        await self._confirm(keys=[redis_key(account_id, intent_id)], args=[key])
+
     async def remove(self, account_id: str, intent_id: str, key: str) -> None:
         await self._redis.hdel(redis_key(account_id, intent_id), key)
 
     async def all(self, account_id: str, intent_id: str) -> list[tuple[str, dict[str, Any]]]:
-        """(Idempotency-Key, object) of each pending command, oldest first."""
-        raw = await self._redis.hgetall(redis_key(account_id, intent_id))
-        entries = sorted(((orjson.loads(v), _text(k)) for k, v in raw.items()),
-                         key=lambda e: e[0]["at"])
-        return [(key, entry["object"]) for entry, key in entries]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        """(Idempotency-Key, object) of each live pending command, oldest first."""
+        name = redis_key(account_id, intent_id)
+        raw = await self._redis.hgetall(name)
+        now = time.time_ns()
+        live: list[tuple[int, str, dict[str, Any]]] = []
+        stale: list[str] = []
+        for field, value in raw.items():
+            key = field.decode() if isinstance(field, bytes) else field
+            at, deadline, obj = _entry(value)
+            if deadline and deadline < now:
+                stale.append(key)
+            else:
+                live.append((at, key, obj))
+        if stale:
+            await self._redis.hdel(name, *stale)
+        live.sort(key=lambda e: e[0])
+        return [(key, obj) for _, key, obj in live]

@@ -10,7 +10,10 @@ projected object, and hand the command to `idempotent` and `accept`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +27,19 @@ from contracts.commands import ClientCommand
 from contracts.errors import IdempotencyKeyInUse, IdempotencyMismatch, ServiceUnavailable
 from contracts.topology import PublishFailed
 from edge import metrics
-from edge.idempotency import Claim, mismatch
-from edge.keys import ACCOUNT_ID, DB, IDEMPOTENCY, PENDING, PUBLISHER, SETTINGS
+from edge.idempotency import Claim, IdempotencyStore, mismatch
+from edge.keys import (
+    ACCOUNT_ID,
+    DB,
+    DEADLINE,
+    IDEMPOTENCY,
+    PENDING,
+    PUBLISHER,
+    PUBLISHING,
+    SETTINGS,
+)
 from ops import failpoints
+from ops.settings import LOCK_MARGIN_S
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +71,9 @@ async def idempotent(
 
     Only successful answers are stored: an error releases the key, so a corrected or later
     retry of the same request runs again (the processor's inbox still dedupes the command).
+    An unknown outcome parks the key with its fingerprint instead (see edge/idempotency.py).
+    `execute` gets `request_timeout_s` from the claim: the lock outlasts it, so a request
+    never runs on after another has taken its key.
     """
     store = request.app[IDEMPOTENCY]
     account_id = request[ACCOUNT_ID]
@@ -77,13 +93,27 @@ async def idempotent(
         return web.Response(body=claimed.body, status=claimed.status,
                             content_type="application/json",
                             headers={"Idempotent-Replayed": "true"})
+    if claimed.how != "new":
+        metrics.IDEMPOTENCY.labels(claimed.how).inc()
+        log.info("idempotency key claimed again", extra={"ids": {"after": claimed.how}})
+    loop = asyncio.get_running_loop()
+    request[DEADLINE] = loop.time() + request.app[SETTINGS].request_timeout_s
     try:
-        outcome = await execute()
+        async with asyncio.timeout_at(request[DEADLINE]):
+            outcome = await execute()
+    except TimeoutError as exc:
+        # Cut off by the deadline: during a publish the command may still be queued.
+        if request.get(PUBLISHING):
+            await _park(store, claimed, fp)
+            metrics.PUBLISHES.labels("any", "unknown").inc()
+            raise outcome_unknown(exc) from exc
+        await _release(store, claimed)
+        raise unavailable("deadline", exc) from exc
+    except OutcomeUnknown:
+        await _park(store, claimed, fp)
+        raise
     except BaseException:
-        try:
-            await store.release(claimed)
-        except RedisError:
-            log.warning("could not release idempotency key; it frees itself when its lock expires")
+        await _release(store, claimed)
         raise
     try:
         await store.finish(claimed, fp, outcome.status, outcome.body)
@@ -93,6 +123,36 @@ async def idempotent(
     metrics.IDEMPOTENCY.labels("new").inc()
     return web.Response(body=outcome.body, status=outcome.status,
                         content_type="application/json", headers=outcome.headers)
+
+
+async def _release(store: IdempotencyStore, claimed: Claim) -> None:
+    try:
+        await store.release(claimed)
+    except RedisError:
+        log.warning("could not release idempotency key; it frees itself when its lock expires")
+
+
+async def _park(store: IdempotencyStore, claimed: Claim, fp: str) -> None:
+    try:
+        await store.park(claimed, fp)
+    except RedisError:
+        # The lock still names this request and expires by itself; a retry then runs again.
+        log.warning("could not keep the fingerprint of a key whose outcome is unknown")
+    metrics.IDEMPOTENCY.labels("unknown").inc()
+
+
+class OutcomeUnknown(ServiceUnavailable):
+    """A publish was not confirmed but may have been queued: retry with the same key (503)."""
+
+    default_code = "outcome_unknown"
+
+
+def outcome_unknown(exc: BaseException) -> OutcomeUnknown:
+    log.error("publish outcome unknown", extra={"ids": {"error": f"{type(exc).__name__}: {exc}"}})
+    return OutcomeUnknown(
+        "payonce could not confirm that the request was accepted; it may still be applied. "
+        "Retry with the same Idempotency-Key and parameters to learn the outcome.",
+        headers={"Stripe-Should-Retry": "true"})
 
 
 def unavailable(dependency: str, exc: BaseException) -> ServiceUnavailable:
@@ -128,27 +188,43 @@ async def accept(
     app = request.app
     pending = app[PENDING]
     account_id, intent_id, key = command.account_id, command.intent_id, command.idempotency_key
+    remaining = request[DEADLINE] - asyncio.get_running_loop().time()
+    # The marker means nothing once this request is over, unless the publish is confirmed.
+    deadline_ns = time.time_ns() + int((remaining + LOCK_MARGIN_S) * 1e9)
     try:
-        await pending.add(account_id, intent_id, key, projected)
+        await pending.add(account_id, intent_id, key, projected, deadline_ns=deadline_ns)
     except RedisError as exc:
         raise unavailable("redis", exc) from exc
+    request[PUBLISHING] = True
     try:
-        await app[PUBLISHER].publish(command)
-    except BaseException as exc:
-        # Whatever stopped the publish, no 202 follows: a marker left behind would answer
-        # 425 for an intent that may never exist, for the marker's whole lifetime.
-        metrics.PUBLISHES.labels(command.TYPE, "failed").inc()
+        await app[PUBLISHER].publish(command, timeout_s=remaining)
+    except PublishFailed as exc:
+        metrics.PUBLISHES.labels(command.TYPE, "unknown" if exc.maybe_queued else "failed").inc()
+        # No 202 follows, so the marker goes: a command that lands after all (an unknown
+        # outcome) shows once it is applied.
         try:
             await pending.remove(account_id, intent_id, key)
         except RedisError:
-            log.warning("could not remove the pending marker of an unpublished command")
-        if isinstance(exc, PublishFailed):
-            raise unavailable("rabbitmq", exc) from exc
+            log.warning("could not remove the pending marker of an unconfirmed command; it "
+                        "lapses at the end of the request")
+        if exc.maybe_queued:
+            raise outcome_unknown(exc) from exc
+        raise unavailable("rabbitmq", exc) from exc
+    except BaseException:
+        # A bug, or the request cancelled: no 202 follows either.
+        with contextlib.suppress(RedisError):
+            await pending.remove(account_id, intent_id, key)
         raise
+    request[PUBLISHING] = False
     metrics.PUBLISHES.labels(command.TYPE, "confirmed").inc()
     failpoints.hit("edge.after_publish")
+    try:
+        await pending.confirm(account_id, intent_id, key)
+    except RedisError:
+        # The command is queued and will be applied: a 202 is the truth. Until it is applied,
+        # reads show the intent without it.
+        metrics.DEPENDENCY_ERRORS.labels("redis").inc()
+        log.warning("could not confirm the pending marker of a queued command")
     log.info("command accepted", extra={"ids": {"command": command.TYPE,
                                                 "message_id": command.message_id}})
     return Outcome(202, orjson.dumps(projected))
-
-

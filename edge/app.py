@@ -3,14 +3,15 @@ is opened and closed by a cleanup context."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
-import asyncpg
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
@@ -33,6 +34,7 @@ from edge.keys import (
     ACCOUNT_ID,
     AMQP,
     DB,
+    HEARTBEAT,
     IDEMPOTENCY,
     KEY_CACHE,
     PENDING,
@@ -41,8 +43,11 @@ from edge.keys import (
     REQUEST_ID,
     SETTINGS,
 )
+from ops.cache import redis_client
+from ops.health import health, readiness
 from ops.logs import bound
-from ops.postgres import create_pool
+from ops.loops import Loop
+from ops.postgres import create_pool, is_transient
 from ops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,17 +89,18 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             response = error_response(MethodNotAllowed(
                 f"{request.method} is not allowed on {request.path[:200]}.",
                 headers={"Allow": ",".join(sorted(exc.allowed_methods))}), request_id)
-        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError,
-                RedisError) as exc:
-            metrics.DEPENDENCY_ERRORS.labels(type(exc).__module__.split(".")[0]).inc()
-            log.error("dependency failure", exc_info=exc)
-            response = error_response(ServiceUnavailable(
-                "payonce could not reach one of its services; retry the request.",
-                headers={"Stripe-Should-Retry": "true"}), request_id)
         except Exception as exc:
-            log.exception("unhandled error", exc_info=exc)
-            response = error_response(PayonceError(
-                "An internal error occurred; it has been logged."), request_id)
+            if is_transient(exc) or isinstance(exc, RedisError | OSError):
+                # A read or a check before anything was published: nothing was done.
+                metrics.DEPENDENCY_ERRORS.labels(type(exc).__module__.split(".")[0]).inc()
+                log.error("dependency failure", extra={"ids": {"error": repr(exc)}})
+                response = error_response(ServiceUnavailable(
+                    "payonce could not reach one of its services; retry the request.",
+                    headers={"Stripe-Should-Retry": "true"}), request_id)
+            else:
+                log.exception("unhandled error", exc_info=exc)
+                response = error_response(PayonceError(
+                    "An internal error occurred; it has been logged."), request_id)
         elapsed = time.perf_counter() - started
         metrics.REQUESTS.labels(route, request.method, str(response.status)).inc()
         metrics.LATENCY.labels(route, request.method).observe(elapsed)
@@ -116,7 +122,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
-    pool = await create_pool(app[SETTINGS].database_url, min_size=2, max_size=20)
+    settings = app[SETTINGS]
+    pool = await create_pool(settings.database_url, timeout_s=settings.db_timeout_s,
+                             min_size=2, max_size=20)
     app[DB] = pool
     yield
     await pool.close()
@@ -124,12 +132,33 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis_client(settings)
     app[REDIS] = client
-    app[IDEMPOTENCY] = IdempotencyStore(
-        client, ttl_s=settings.idempotency_ttl_s, lock_ms=settings.idempotency_lock_ms)
+    store = IdempotencyStore(client, ttl_s=settings.idempotency_ttl_s,
+                             lock_ms=settings.idempotency_lock_ms,
+                             owner=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+    app[IDEMPOTENCY] = store
     app[PENDING] = PendingCommands(client, ttl_s=settings.pending_ttl_s)
+    ttl_ms = int(settings.edge_heartbeat_s * 1000)
+
+    async def heartbeat(loop: Loop) -> None:
+        while True:
+            await store.heartbeat(ttl_ms)
+            loop.beat()
+            await asyncio.sleep(settings.edge_heartbeat_s / 4)
+
+    # Stale once a beat would have expired the liveness key: this edge's locks are then fair
+    # game for other edges, and it should not take requests.
+    app[HEARTBEAT] = Loop("edge_heartbeat", heartbeat, stale_after_s=settings.edge_heartbeat_s,
+                          max_backoff_s=settings.edge_heartbeat_s / 4)
+    app[HEARTBEAT].start()
     yield
+    await app[HEARTBEAT].stop()
+    try:
+        await store.retire()
+    except RedisError as exc:
+        log.warning("could not retire this edge's liveness key", extra={"ids": {
+            "error": repr(exc)}})
     await client.aclose()
 
 
@@ -146,6 +175,11 @@ async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
     await connection.close()
 
 
+async def ready(request: web.Request) -> web.Response:
+    app = request.app
+    return await readiness(db=app[DB], redis=app[REDIS], amqp=app[AMQP], loops=[app[HEARTBEAT]])
+
+
 async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -160,5 +194,7 @@ def create_app(settings: Settings) -> web.Application:
     app[KEY_CACHE] = KeyCache()
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx, amqp_ctx])
     app.router.add_routes(routes)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_view)
     return app

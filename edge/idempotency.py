@@ -1,10 +1,20 @@
 """The Redis fast path of idempotency.
 
-`idem:{account}:{key}` holds either an in-flight record (set with SET NX and a short expiry, so
-a dead edge frees the key) or, once answered, the stored response for the retention period.
-Only the request that holds the in-flight record (by its token) may finish or release it.
-The Postgres inbox stays the authority: see edge/intents.py for what happens when Redis has
-forgotten a key that Postgres remembers.
+`idem:{account}:{key}` holds one of:
+
+- an in-flight record: set with SET NX and the lock's expiry, naming the edge process that
+  owns it. Only that request (by its token) may finish, park or release it. If its edge dies,
+  the next retry takes the key over as soon as the edge's liveness key (`edge:{owner}`,
+  renewed by a heartbeat) has expired, instead of waiting for the lock to run out;
+- an unknown outcome: the command's publish timed out and it may still be queued. The key
+  keeps its fingerprint for the retention period, so a retry with the same parameters runs
+  again (the processor's inbox dedupes the command if both copies land) and one with other
+  parameters is an idempotency error, never a second, different command under the same key;
+- the stored answer, replayed for the retention period.
+
+Two requests with the same key and parameters running at once do no harm (the inbox applies
+the command once); the lock only keeps that rare. The Postgres inbox stays the authority: see
+edge/accept.py for a key that Postgres remembers and Redis forgot.
 """
 
 from __future__ import annotations
@@ -25,6 +35,13 @@ MAX_KEY_LENGTH = 255
 _FINISH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+return false
+"""
+# Replace the value only if it is still the one read (a takeover after a dead owner).
+_SWAP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 end
 return false
 """
@@ -61,15 +78,33 @@ class Stored:
 class Claim:
     redis_key: str
     record: bytes
+    # "new", or how an earlier attempt with this key ended: "taken_over", "unknown".
+    how: str = "new"
+
+
+def alive_key(owner: str) -> str:
+    return f"edge:{owner}"
 
 
 class IdempotencyStore:
-    def __init__(self, redis: aioredis.Redis, *, ttl_s: int, lock_ms: int) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, *, ttl_s: int, lock_ms: int, owner: str
+    ) -> None:
         self._redis = redis
         self._ttl_s = ttl_s
         self._lock_ms = lock_ms
+        self.owner = owner
         self._finish = redis.register_script(_FINISH)
+        self._swap = redis.register_script(_SWAP)
         self._release = redis.register_script(_RELEASE)
+
+    async def heartbeat(self, ttl_ms: int) -> None:
+        """This edge is alive for the next `ttl_ms`: its keys in flight stay its own."""
+        await self._redis.set(alive_key(self.owner), b"1", px=ttl_ms)
+
+    async def retire(self) -> None:
+        """This edge stops: keys it still holds may be taken over at once."""
+        await self._redis.delete(alive_key(self.owner))
 
     async def claim(self, account_id: str, key: str, fp: str) -> Claim | Stored:
         """Claim the key for this request, or the stored answer to replay.
@@ -78,9 +113,11 @@ class IdempotencyStore:
         the key was used for a different request.
         """
         redis_key = f"idem:{account_id}:{key}"
-        record = orjson.dumps({"state": "in_flight", "fp": fp, "token": secrets.token_hex(8)})
-        # Two tries: the other holder's record may expire between our SET and GET.
-        for _ in range(2):
+        record = orjson.dumps({"state": "in_flight", "fp": fp, "token": secrets.token_hex(8),
+                               "owner": self.owner})
+        # A few tries: the record read may expire, or be swapped by a concurrent retry, between
+        # our SET and GET.
+        for _ in range(3):
             if await self._redis.set(redis_key, record, nx=True, px=self._lock_ms):
                 return Claim(redis_key, record)
             raw = await self._redis.get(redis_key)
@@ -89,9 +126,14 @@ class IdempotencyStore:
             existing = orjson.loads(raw)
             if existing["fp"] != fp:
                 raise mismatch(key)
-            if existing["state"] == "in_flight":
+            state = existing["state"]
+            if state == "done":
+                return Stored(existing["status"], existing["body"].encode())
+            if state == "in_flight" and not await self._owner_dead(existing):
                 break
-            return Stored(existing["status"], existing["body"].encode())
+            # An unknown outcome, or an owner known dead: this request runs it again.
+            if await self._swap(keys=[redis_key], args=[raw, record, self._lock_ms]):
+                return Claim(redis_key, record, "unknown" if state == "unknown" else "taken_over")
         raise IdempotencyKeyInUse(
             "There is currently another in-progress request using this Idempotency-Key; "
             "retry shortly.", headers={"Stripe-Should-Retry": "true", "Retry-After": "1"})
@@ -99,6 +141,15 @@ class IdempotencyStore:
     async def finish(self, claim: Claim, fp: str, status: int, body: bytes) -> None:
         done = orjson.dumps({"state": "done", "fp": fp, "status": status, "body": body.decode()})
         await self._finish(keys=[claim.redis_key], args=[claim.record, done, self._ttl_s])
+
+    async def _owner_dead(self, record: dict[str, Any]) -> bool:
+        owner = record.get("owner")
+        return isinstance(owner, str) and not await self._redis.exists(alive_key(owner))
+
+    async def park(self, claim: Claim, fp: str) -> None:
+        """The request's outcome is unknown: keep the key's fingerprint, free it for a retry."""
+        unknown = orjson.dumps({"state": "unknown", "fp": fp})
+        await self._finish(keys=[claim.redis_key], args=[claim.record, unknown, self._ttl_s])
 
     async def release(self, claim: Claim) -> None:
         await self._release(keys=[claim.redis_key], args=[claim.record])

@@ -32,10 +32,8 @@ from edge.accept import (
 from edge.idempotency import check_key, fingerprint
 from edge.keys import (
     ACCOUNT_ID,
-    AMQP,
     DB,
     PENDING,
-    REDIS,
     REQUEST_ID,
     SETTINGS,
 )
@@ -200,28 +198,3 @@ async def retrieve_charge(request: web.Request) -> web.Response:
         charge = await request.app[DB].fetchrow(FETCH_CHARGE, row["latest_charge"],
                                                 request[ACCOUNT_ID])
         return json_response(objects.charge(charge))
-
-
-@routes.get("/health")
-async def health(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
-
-
-@routes.get("/ready")
-async def ready(request: web.Request) -> web.Response:
-    app = request.app
-    checks: dict[str, str] = {}
-    try:
-        await app[DB].fetchval("SELECT 1")
-        checks["postgres"] = "ok"
-    except Exception as exc:
-        checks["postgres"] = f"{type(exc).__name__}"
-    try:
-        await app[REDIS].ping()
-        checks["redis"] = "ok"
-    except Exception as exc:
-        checks["redis"] = f"{type(exc).__name__}"
-    checks["rabbitmq"] = "ok" if not app[AMQP].is_closed else "closed"
-    ok = all(v == "ok" for v in checks.values())
-    return json_response({"status": "ok" if ok else "unavailable", "checks": checks},
-                         status=200 if ok else 503)

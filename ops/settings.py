@@ -12,6 +12,13 @@ class SettingsError(ValueError):
     """An environment variable that cannot be turned into a setting."""
 
 
+# Time a request keeps its Idempotency-Key after its own deadline, to store its answer.
+LOCK_MARGIN_S = 1.0
+# Pauses between PSP tries double up to this, or to what the attempt's lease leaves.
+PSP_BACKOFF_MAX_S = 5.0
+MIN_PSP_PAUSE_S = 0.5
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str = "postgresql://payonce:payonce@127.0.0.1:5432/payonce"
@@ -32,10 +39,24 @@ class Settings:
 
     # Stripe keeps idempotency keys at least 24 hours.
     idempotency_ttl_s: int = 24 * 3600
-    # How long a key stays "in flight" if its edge dies mid-request; must exceed the slowest
-    # publish (publish_timeout_s) so a live request never loses its lock.
-    idempotency_lock_ms: int = 30_000
-    publish_timeout_s: float = 10.0
+    # Every PostgreSQL statement, connect and wait for a pooled connection gives up after this:
+    # a half-open connection must fail a request well within its Idempotency-Key's lock.
+    db_timeout_s: float = 2.0
+    # Waiting for RabbitMQ's confirm of a command. A publish that times out may still be
+    # queued (a broker under a memory alarm holds frames, then enqueues them): its key keeps
+    # its fingerprint and the client is told to retry with the same key.
+    publish_timeout_s: float = 5.0
+    # The whole of a POST after validation (claim, inbox check, publish, store the answer) is
+    # cut off after this, so no request outlives its lock. At least the publish timeout plus
+    # two database calls.
+    request_timeout_s: float = 10.0
+    # How long a key stays "in flight" if its edge dies mid-request and nothing notices. Longer
+    # than request_timeout_s, so a live request never loses its lock. A key whose edge is known
+    # dead is free much sooner: see edge_heartbeat_s.
+    idempotency_lock_ms: int = 12_000
+    # Each edge process renews a liveness key this often (a quarter of it) with this expiry; a
+    # key in flight on an edge whose liveness key expired is taken over by the next retry.
+    edge_heartbeat_s: float = 2.0
     # How long the 425 marker of an accepted create lives; the processor applies it long before.
     pending_ttl_s: int = 24 * 3600
     max_body_bytes: int = 64 * 1024
@@ -48,14 +69,17 @@ class Settings:
     psp_timeout_s: float = 10.0
     # After this many failed tries the PSP is asked for the attempt; see processor/attempts.py.
     psp_max_tries: int = 8
-    # An attempt claimed by a processor that died is retried after its lease runs out. Longer
-    # than one PSP call plus the longest pause between tries (psp_timeout_s + 5 s), so a live
-    # processor never loses an attempt it is working on.
+    # An attempt claimed by a processor that died is retried after its lease runs out. It is
+    # renewed before each pause, so it must cover one PSP call plus a pause (checked below).
     psp_lease_s: float = 30.0
     psp_decline_rate: float = 0.0
     psp_error_rate: float = 0.0
     psp_timeout_rate: float = 0.0
     psp_lost_reply_rate: float = 0.0
+    # A PSP result published but still not applied this long after (its command was
+    # dead-lettered, or lost with a broker's data) is published again; applying it is
+    # idempotent. Far longer than a partition takes to apply a result under load.
+    psp_report_timeout_s: float = 60.0
     # How often the sweeper looks for attempts and events that a crash left behind.
     sweep_interval_s: float = 1.0
     shutdown_grace_s: float = 20.0
@@ -77,15 +101,51 @@ class Settings:
         return cls(**values).checked()
 
     def checked(self) -> Settings:
+        """The settings, or SettingsError naming the first one that cannot work, alone or
+        with the others."""
         low, high = self.psp_latency_ms
         if not 0 <= low <= high:
             raise SettingsError("PAYONCE_PSP_LATENCY_MS must be 'LOW-HIGH' with 0 <= LOW <= HIGH")
-        if self.partitions < 1:
-            raise SettingsError("PAYONCE_PARTITIONS must be at least 1")
+        for name in ("partitions", "prefetch", "psp_concurrency", "psp_max_tries",
+                     "idempotency_ttl_s", "pending_ttl_s", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"PAYONCE_{name.upper()} must be at least 1")
+        for name in ("db_timeout_s", "publish_timeout_s", "request_timeout_s",
+                     "edge_heartbeat_s", "psp_timeout_s", "psp_lease_s",
+                     "psp_report_timeout_s", "sweep_interval_s"):
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"PAYONCE_{name.upper()} must be more than 0")
         for name in ("decline", "error", "timeout", "lost_reply"):
             if not 0.0 <= getattr(self, f"psp_{name}_rate") <= 1.0:
                 raise SettingsError(f"PAYONCE_PSP_{name.upper()}_RATE must be within 0..1")
+        if self.request_timeout_s < self.publish_timeout_s + 2 * self.db_timeout_s:
+            raise SettingsError(
+                f"PAYONCE_REQUEST_TIMEOUT_S ({self.request_timeout_s}) must be at least "
+                f"PAYONCE_PUBLISH_TIMEOUT_S + 2 x PAYONCE_DB_TIMEOUT_S "
+                f"({self.publish_timeout_s + 2 * self.db_timeout_s}): a request publishes once "
+                "and reads the database at least twice")
+        if self.idempotency_lock_ms < (self.request_timeout_s + LOCK_MARGIN_S) * 1000:
+            raise SettingsError(
+                f"PAYONCE_IDEMPOTENCY_LOCK_MS ({self.idempotency_lock_ms}) must exceed "
+                f"PAYONCE_REQUEST_TIMEOUT_S by {LOCK_MARGIN_S} s "
+                f"({(self.request_timeout_s + LOCK_MARGIN_S) * 1000:.0f}): a live request must "
+                "never lose its key")
+        if self.psp_lease_s < self.psp_timeout_s + MIN_PSP_PAUSE_S:
+            raise SettingsError(
+                f"PAYONCE_PSP_LEASE_S ({self.psp_lease_s}) must be at least PAYONCE_PSP_TIMEOUT_S "
+                f"+ {MIN_PSP_PAUSE_S} s ({self.psp_timeout_s + MIN_PSP_PAUSE_S}): a lease covers "
+                "one PSP call and the pause before the next try, or a live processor loses an "
+                "attempt it is working on")
+        if self.psp_report_timeout_s <= self.psp_lease_s:
+            raise SettingsError(
+                f"PAYONCE_PSP_REPORT_TIMEOUT_S ({self.psp_report_timeout_s}) must exceed "
+                f"PAYONCE_PSP_LEASE_S ({self.psp_lease_s})")
         return self
+
+    @property
+    def psp_max_pause_s(self) -> float:
+        """The longest pause between PSP tries: what the lease leaves after one call."""
+        return min(PSP_BACKOFF_MAX_S, self.psp_lease_s - self.psp_timeout_s)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes).checked()

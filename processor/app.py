@@ -1,37 +1,53 @@
-"""The processor process: partition consumers, PSP attempts, the sweeper and the outbox relay,
-plus `/health`, `/ready` and `/metrics` on their own port."""
+"""The processor process: partition consumers, PSP attempts, and three background loops (the
+attempt sweeper, the outbox relay, the dead-letter watcher), plus `/health`, `/ready` and
+`/metrics` on their own port."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
 import aio_pika
-import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from contracts.pending import PendingCommands
 from contracts.topology import CommandPublisher, Topology, declare
-from ops.postgres import create_pool
+from ops.cache import redis_client
+from ops.health import health, readiness
+from ops.loops import Loop
+from ops.postgres import Database, create_pool
 from ops.settings import Settings
+from processor import metrics
 from processor.attempts import AttemptRunner
-from processor.consumer import PartitionConsumer
+from processor.consumer import Gate, PartitionConsumer
+from processor.deadletters import DeadLetterWatcher
 from processor.intents import Intents
 from processor.outbox import OutboxRelay
 from processor.psp import SimulatedPSP
 
 log = logging.getLogger(__name__)
 
+OLDEST_UNPUBLISHED = """
+SELECT extract(epoch FROM now() - created) FROM events
+WHERE exchange = $1 AND published_at IS NULL ORDER BY seq LIMIT 1
+"""
+# Far longer than any PSP call with its retries, far shorter than a person would wait.
+STUCK_AFTER_S = 300
+STUCK_INTENTS = """
+SELECT count(*) FROM payment_intents
+WHERE status = 'processing' AND updated_at < now() - make_interval(secs => $1)
+"""
+
 
 class Processor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._tasks: list[asyncio.Task[None]] = []
         self._consumers: list[PartitionConsumer] = []
+        self._loops: list[Loop] = []
         self._closers: list[Any] = []
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -39,41 +55,55 @@ class Processor:
     async def start(self) -> None:
         s = self.settings
         topology = Topology(s.amqp_prefix, s.partitions)
-        pool = await create_pool(s.database_url, min_size=2, max_size=20)
+        self._topology = topology
+        pool = await create_pool(s.database_url, timeout_s=s.db_timeout_s,
+                                 min_size=2, max_size=20)
         self._closers.append(pool.close)
         # The simulated PSP keeps its books with a pool of its own, as a separate system would.
-        psp_pool = await create_pool(s.database_url, min_size=1, max_size=10)
+        psp_pool = await create_pool(s.database_url, timeout_s=s.db_timeout_s,
+                                     min_size=1, max_size=10)
         self._closers.append(psp_pool.close)
-        redis = aioredis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        redis = redis_client(s)
         self._closers.append(redis.aclose)
         connection = await aio_pika.connect_robust(
             s.amqp_url, client_properties={"connection_name": "payonce-processor"})
         self._closers.append(connection.close)
         channel = await connection.channel(publisher_confirms=True)
         await declare(channel, topology)
+        self._monitor = await connection.channel()
         publisher = CommandPublisher(channel, topology, s.publish_timeout_s)
 
-        self._pool, self._redis, self._amqp = pool, redis, connection
+        self._pool: Database = pool
+        self._redis, self._amqp = redis, connection
         self.attempts = AttemptRunner(pool, SimulatedPSP(psp_pool, s), publisher, s,
                                       topology.commands)
         intents = Intents(pool, s.secret_bytes, topology)
         pending = PendingCommands(redis, ttl_s=s.pending_ttl_s)
-        self.relay = OutboxRelay(s.database_url, connection, topology, s.sweep_interval_s)
+        gate = Gate()
         for partition in range(s.partitions):
             consumer = PartitionConsumer(connection, topology, partition, intents, pending,
-                                         self.attempts.kick, s.prefetch)
+                                         self.attempts.kick, s.prefetch, pool, gate)
             await consumer.start()
             self._consumers.append(consumer)
-        self._tasks = [
-            asyncio.create_task(self.attempts.sweep_forever()),
-            asyncio.create_task(self.relay.run_forever()),
+        relay = OutboxRelay(s.database_url, connection, topology, s.sweep_interval_s,
+                            s.publish_timeout_s)
+        watcher = DeadLetterWatcher(connection, topology, pending)
+        # A loop is stalled when it has not shown progress for a few of its own rounds, or for
+        # longer than a database or broker call may take.
+        stale_s = max(10 * s.sweep_interval_s, 3 * max(s.db_timeout_s, s.publish_timeout_s))
+        self._loops = [
+            Loop("attempt_sweeper", self.attempts.sweep, stale_after_s=stale_s),
+            Loop("outbox_relay", relay.run, stale_after_s=stale_s),
+            Loop("dead_letter_watcher", watcher.run, stale_after_s=stale_s),
         ]
+        for loop in self._loops:
+            loop.start()
         await self._serve_health()
         log.info("processor started", extra={"ids": {"partitions": s.partitions}})
 
     async def _serve_health(self) -> None:
         app = web.Application()
-        app.router.add_get("/health", self._health)
+        app.router.add_get("/health", health)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
@@ -83,22 +113,33 @@ class Processor:
         await site.start()
         self.port = self._runner.addresses[0][1]
 
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"}, dumps=lambda o: orjson.dumps(o).decode())
-
     async def _ready(self, request: web.Request) -> web.Response:
-        checks = {"rabbitmq": "closed" if self._amqp.is_closed else "ok"}
-        try:
-            await self._pool.fetchval("SELECT 1")
-            checks["postgres"] = "ok"
-        except Exception as exc:
-            checks["postgres"] = type(exc).__name__
-        ok = all(v == "ok" for v in checks.values())
-        return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks},
-                                 status=200 if ok else 503)
+        return await readiness(db=self._pool, redis=self._redis, amqp=self._amqp,
+                               loops=self._loops)
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        await self._read_gauges()
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _read_gauges(self) -> None:
+        """Gauges read from the source of truth at every scrape; NaN when it cannot be read."""
+        timeout = self.settings.db_timeout_s
+        try:
+            lag = await self._pool.fetchval(OLDEST_UNPUBLISHED, self._topology.events)
+            metrics.OUTBOX_LAG.set(float(lag or 0.0))
+            metrics.INTENTS_STUCK.set(await self._pool.fetchval(STUCK_INTENTS, STUCK_AFTER_S))
+        except Exception as exc:
+            log.warning("could not read the outbox lag", extra={"ids": {"error": repr(exc)}})
+            metrics.OUTBOX_LAG.set(math.nan)
+            metrics.INTENTS_STUCK.set(math.nan)
+        try:
+            async with asyncio.timeout(timeout):
+                dead = await self._monitor.declare_queue(self._topology.dead, passive=True)
+            metrics.DEAD_LETTER_DEPTH.set(dead.declaration_result.message_count or 0)
+        except Exception as exc:
+            log.warning("could not read the dead-letter queue's depth",
+                        extra={"ids": {"error": repr(exc)}})
+            metrics.DEAD_LETTER_DEPTH.set(math.nan)
 
     async def stop(self) -> None:
         """Graceful: stop taking commands, finish those in hand and the PSP calls under way,
@@ -107,10 +148,7 @@ class Processor:
         log.info("processor stopping")
         await asyncio.gather(*(c.stop(self.settings.shutdown_grace_s) for c in self._consumers))
         await self.attempts.stop(max(deadline - time.monotonic(), 1.0))
-        self.relay.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(loop.stop() for loop in self._loops))
         if self._runner is not None:
             await self._runner.cleanup()
         for close in reversed(self._closers):

@@ -6,6 +6,14 @@ same key on errors and timeouts, so the PSP charges at most once), the answer is
 attempt, and published as an ApplyPSPResult command on the intent's partition, where it is
 applied in order with anything else the client sent meanwhile. A processor that dies mid-way
 leaves the lease to expire; the sweeper of any processor then resumes the attempt.
+
+A result reported but never applied (its command dead-lettered, or lost with a broker's data)
+would leave its intent `processing` forever: the sweeper reports it again after
+`psp_report_timeout_s`, then after twice that, and so on, MAX_REPORTS times (applying a result
+is idempotent). Past that, the intent waits for an operator, and the stuck-intents gauge says so.
+
+At most `psp_concurrency` attempts run at once per processor; attempts kicked beyond that wait
+in memory up to a bound, and past it are left to the sweeper, which finds them in Postgres.
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ from contracts.commands import ApplyPSPResult
 from contracts.topology import CommandPublisher, PublishFailed
 from ops import failpoints
 from ops.logs import bound
+from ops.loops import Loop
+from ops.postgres import Database, is_transient
 from ops.settings import Settings
 from processor import metrics
-from processor.intents import TRANSIENT_ERRORS
 from processor.psp import PSP, PSPRejected, PSPResult, PSPUnavailable
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,20 @@ SET locked_until = NULL, next_try_at = now() + make_interval(secs => $2), update
 WHERE id = $1
 """
 RELEASE = "UPDATE payment_attempts SET locked_until = NULL WHERE id = $1 AND state = 'pending'"
+REREPORT = """
+UPDATE payment_attempts
+SET state = 'pending', reports = reports + 1, locked_until = NULL, next_try_at = now(),
+    updated_at = now()
+WHERE id IN (
+    SELECT id FROM payment_attempts
+    WHERE commands_exchange = $1 AND state = 'reported' AND reports < $2
+      AND updated_at < now() - make_interval(secs => $3 * power(2, reports))
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED)
+RETURNING id
+"""
+# Starts of commands that were dead-lettered by the broker, or never came back.
+FORGET_OLD_STARTS = "DELETE FROM command_starts WHERE last_at < now() - interval '1 day'"
 DUE = """
 SELECT id FROM payment_attempts
 WHERE commands_exchange = $2 AND state = 'pending' AND next_try_at <= now()
@@ -62,15 +85,16 @@ ORDER BY next_try_at
 LIMIT $1
 """
 
-# Retries with the same key inside one claim, spaced by 0.2 s doubling to at most 5 s.
+# Retries with the same key inside one claim, spaced by 0.2 s doubling to what the lease
+# leaves after a call (Settings.psp_max_pause_s).
 BACKOFF_START_S = 0.2
-BACKOFF_MAX_S = 5.0
 SWEEP_BATCH = 500
+MAX_REPORTS = 5
 
 
 class AttemptRunner:
     def __init__(
-        self, pool: Any, psp: PSP, publisher: CommandPublisher, settings: Settings,
+        self, pool: Database, psp: PSP, publisher: CommandPublisher, settings: Settings,
         commands_exchange: str,
     ) -> None:
         self._pool = pool
@@ -79,40 +103,52 @@ class AttemptRunner:
         self._psp = psp
         self._publisher = publisher
         self._settings = settings
-        self._slots = asyncio.Semaphore(settings.psp_concurrency)
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._waiting: dict[str, None] = {}  # insertion-ordered: first kicked, first run
+        self._waiting_max = 4 * settings.psp_concurrency
         self._stopping = False
 
     def kick(self, attempt_ids: list[str]) -> None:
         for attempt_id in attempt_ids:
-            if self._stopping or attempt_id in self._running:
+            if self._stopping or attempt_id in self._running or attempt_id in self._waiting:
                 continue
+            if len(self._waiting) >= self._waiting_max:
+                metrics.ATTEMPTS_DEFERRED.inc()
+                continue
+            self._waiting[attempt_id] = None
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._waiting and len(self._running) < self._settings.psp_concurrency:
+            if self._stopping:
+                self._waiting.clear()
+                return
+            attempt_id = next(iter(self._waiting))
+            del self._waiting[attempt_id]
             task = asyncio.create_task(self._run(attempt_id))
             self._running[attempt_id] = task
-            task.add_done_callback(functools.partial(self._forget, attempt_id))
+            task.add_done_callback(functools.partial(self._done, attempt_id))
+        metrics.ATTEMPTS_WAITING.set(len(self._waiting))
 
-    def _forget(self, attempt_id: str, _: asyncio.Task[None]) -> None:
+    def _done(self, attempt_id: str, _: asyncio.Task[None]) -> None:
         self._running.pop(attempt_id, None)
+        self._fill()
 
     async def _run(self, attempt_id: str) -> None:
-        async with self._slots:
-            if self._stopping:
+        try:
+            attempt = await self._pool.fetchrow(CLAIM, attempt_id, self._settings.psp_lease_s)
+            if attempt is None:
                 return
-            try:
-                attempt = await self._pool.fetchrow(CLAIM, attempt_id, self._settings.psp_lease_s)
-                if attempt is None:
-                    return
-                with bound(request_id=attempt["request_id"], account=attempt["account_id"],
-                           intent=attempt["payment_intent_id"], attempt=attempt_id):
-                    await self._settle(attempt)
-            except TRANSIENT_ERRORS as exc:
-                metrics.TRANSIENT_FAILURES.labels("attempt").inc()
-                log.warning("attempt interrupted; the sweeper resumes it",
-                            extra={"ids": {"attempt": attempt_id, "error": repr(exc)}})
-            except Exception:
-                metrics.TRANSIENT_FAILURES.labels("attempt_unexpected").inc()
-                log.exception("attempt failed; the sweeper resumes it",
-                              extra={"ids": {"attempt": attempt_id}})
+            with bound(request_id=attempt["request_id"], account=attempt["account_id"],
+                       intent=attempt["payment_intent_id"], attempt=attempt_id):
+                await self._settle(attempt)
+        except Exception as exc:
+            transient = is_transient(exc)
+            metrics.TRANSIENT_FAILURES.labels(
+                "attempt" if transient else "attempt_unexpected").inc()
+            log.warning("attempt interrupted; the sweeper resumes it",
+                        extra={"ids": {"attempt": attempt_id, "error": repr(exc)}},
+                        exc_info=not transient)
 
     async def _settle(self, attempt: Any) -> None:
         attempt_id = attempt["id"]
@@ -171,7 +207,7 @@ class AttemptRunner:
             # Renewed before the pause, so the lease covers the pause and the next call.
             await self._pool.execute(RENEW, attempt["id"], s.psp_lease_s)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX_S)
+            delay = min(delay * 2, s.psp_max_pause_s)
         return await self._give_up(attempt)
 
     async def _give_up(self, attempt: Any) -> PSPResult | None:
@@ -183,28 +219,35 @@ class AttemptRunner:
                 found = await self._psp.lookup(attempt["psp_key"])
         except (TimeoutError, PSPUnavailable):
             log.warning("psp lookup failed; the attempt is retried later")
-            await self._pool.execute(RETRY_LATER, attempt["id"], BACKOFF_MAX_S)
+            await self._pool.execute(RETRY_LATER, attempt["id"], self._settings.psp_max_pause_s)
             return None
         if found is not None:
             return found
         log.warning("psp has no charge for the attempt after every try; failing it")
         return _processing_error()
 
-    async def sweep_forever(self) -> None:
-        """Resume attempts whose processor died or that are due for another try."""
-        while not self._stopping:
-            try:
-                rows = await self._pool.fetch(DUE, SWEEP_BATCH, self._commands_exchange)
-                self.kick([r["id"] for r in rows])
-            except TRANSIENT_ERRORS as exc:
-                metrics.TRANSIENT_FAILURES.labels("sweeper").inc()
-                log.warning("sweep failed", extra={"ids": {"error": repr(exc)}})
-            await asyncio.sleep(self._settings.sweep_interval_s)
+    async def sweep(self, loop: Loop) -> None:
+        """The sweeper's body (ops.loops.Loop): resume attempts whose processor died or that
+        are due for another try, and report again results that were never applied."""
+        s = self._settings
+        while True:
+            again = await self._pool.fetch(REREPORT, self._commands_exchange, MAX_REPORTS,
+                                           s.psp_report_timeout_s, SWEEP_BATCH)
+            if again:
+                metrics.RESULTS_REREPORTED.inc(len(again))
+                log.warning("psp results reported again: not applied in time",
+                            extra={"ids": {"attempts": len(again)}})
+            rows = await self._pool.fetch(DUE, SWEEP_BATCH, self._commands_exchange)
+            self.kick([r["id"] for r in rows])
+            await self._pool.execute(FORGET_OLD_STARTS)
+            loop.beat()
+            await asyncio.sleep(s.sweep_interval_s)
 
     async def stop(self, grace_s: float) -> None:
         """Let PSP calls under way finish (a call cut off is only retried later, with the same
         key); attempts not finished in time keep their lease until it runs out."""
         self._stopping = True
+        self._waiting.clear()
         running = list(self._running.values())
         if running:
             _, pending = await asyncio.wait(running, timeout=grace_s)

@@ -2,9 +2,19 @@
 the queue delivers them; commands of different intents run concurrently.
 
 A message is acked only after its transaction committed. A message that is not a command, or
-whose command keeps failing for a reason other than an unreachable dependency, is rejected
-without requeue and so dead-lettered. Unreachable dependencies are retried in place, never by
-requeueing: a requeued message would be overtaken by the next command of its intent.
+whose command keeps failing for a reason of its own, is rejected without requeue and so
+dead-lettered. An unavailable dependency (ops.postgres.is_transient) is retried in place,
+never by requeueing: a requeued message would be overtaken by the next command of its intent,
+and would count towards the broker's delivery limit.
+
+Crash isolation. The broker redelivers every message a consumer held when its channel closed
+or its process died: one of them may be what killed the process. So a redelivered message is
+applied alone in the process (an exclusive turn of the process's `Gate`; fresh messages share
+it), after its start was recorded in Postgres (`command_starts`, deleted in the transaction
+that applies it). A message found with POISON_STARTS unfinished starts killed a processor that
+often while it ran alone: it is dead-lettered without running again. Its neighbours are applied
+as usual, so a healthy command is never dead-lettered for another's fault, whatever the
+broker's delivery count says.
 """
 
 from __future__ import annotations
@@ -12,23 +22,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import aio_pika
 
 from contracts.commands import ClientCommand, Command, CommandDecodeError, decode
 from contracts.pending import PendingCommands
 from contracts.topology import Topology
+from ops import failpoints
 from ops.logs import bound
+from ops.postgres import Database, is_transient
 from processor import metrics
-from processor.intents import TRANSIENT_ERRORS, Applied, Intents
+from processor.intents import FORGET_START, Applied, Intents
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Unexpected failures of one command before it is dead-lettered.
 MAX_FAILURES = 3
+# Starts of a redelivered command that never finished (its process died each time, while the
+# command ran alone) before it is dead-lettered as poison. More than one, so that a processor
+# killed from outside at an unlucky moment does not condemn the command it was applying.
+POISON_STARTS = 3
 # Backoff for retries in place: a dependency that is down is asked again at most this often.
 RETRY_MAX_S = 5.0
+
+# The transaction that applies the command deletes its row (processor/intents.py).
+RECORD_START = """
+INSERT INTO command_starts (queue, message_id, starts) VALUES ($1, $2, 1)
+ON CONFLICT (queue, message_id)
+DO UPDATE SET starts = command_starts.starts + 1, last_at = now()
+RETURNING starts
+"""
 
 
 class _Abandoned(Exception):
@@ -76,6 +104,46 @@ class KeyedRunner:
             task.cancel()
 
 
+class Gate:
+    """Shared turns run side by side; an exclusive turn runs alone, once the shared ones under
+    way are over, and new shared turns wait for it (so a stream of fresh messages cannot
+    starve a redelivered one)."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._shared -= 1
+                self._changed.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._waiting += 1
+            try:
+                await self._changed.wait_for(lambda: not self._exclusive and not self._shared)
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._exclusive = False
+                self._changed.notify_all()
+
+
 class PartitionConsumer:
     def __init__(
         self,
@@ -86,6 +154,8 @@ class PartitionConsumer:
         pending: PendingCommands,
         on_attempts: Callable[[list[str]], None],
         prefetch: int,
+        db: Database,
+        gate: Gate,
     ) -> None:
         self._connection = connection
         self._queue_name = topology.queue(partition)
@@ -93,6 +163,8 @@ class PartitionConsumer:
         self._pending = pending
         self._on_attempts = on_attempts
         self._prefetch = prefetch
+        self._db = db
+        self._gate = gate
         self._runner = KeyedRunner()
         self._stopping = False
         self._channel: aio_pika.abc.AbstractChannel | None = None
@@ -105,6 +177,10 @@ class PartitionConsumer:
         self._queue = await self._channel.get_queue(self._queue_name, ensure=True)
         self._tag = await self._queue.consume(self._on_message)
 
+    @property
+    def ready(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         # Called in delivery order; submit() runs before any await, so order is kept.
         try:
@@ -113,7 +189,7 @@ class PartitionConsumer:
             metrics.COMMANDS.labels("undecodable", "dead_lettered").inc()
             log.error("undecodable message dead-lettered",
                       extra={"ids": {"message_id": message.message_id, "error": str(exc)}})
-            await message.reject(requeue=False)
+            await self._settle(message, dead_letter=True)
             return
         self._runner.submit(command.intent_id, lambda: self._handle(message, command))
 
@@ -122,13 +198,15 @@ class PartitionConsumer:
     ) -> None:
         with bound(request_id=command.request_id, account=command.account_id,
                    intent=command.intent_id, message_id=command.message_id):
+            suspect = bool(message.redelivered)
             try:
-                result = await self._apply(command)
+                async with self._gate.exclusive() if suspect else self._gate.shared():
+                    result = await self._run(command, suspect)
             except _Abandoned:
                 log.warning("left unacked at shutdown; it is redelivered to the next consumer")
                 return
             if result is None:
-                await self._settle(message, requeue_dead=True)
+                await self._settle(message, dead_letter=True)
                 return
             if isinstance(command, ClientCommand):
                 await self._clear_pending(command)
@@ -136,33 +214,76 @@ class PartitionConsumer:
             if result.attempts:
                 self._on_attempts(result.attempts)
 
-    async def _apply(self, command: Command) -> Applied | None:
+    async def _run(self, command: Command, suspect: bool) -> Applied | None:
         """The result, or None when the command is to be dead-lettered."""
+        journal = (self._queue_name, command.message_id) if suspect else None
+        if journal is not None:
+            starts: int = await self._retrying(
+                lambda: self._db.fetchval(RECORD_START, *journal))
+            if starts > POISON_STARTS:
+                metrics.COMMANDS.labels(command.TYPE, "dead_lettered").inc()
+                log.error("command killed the processor each time it ran; dead-lettered",
+                          extra={"ids": {"starts": starts - 1}})
+                await self._forget_start(journal)
+                return None
+        failpoints.hit("processor.apply", getattr(command, "description", None))
+        result = await self._apply(command, journal)
+        if result is None and journal is not None:
+            await self._forget_start(journal)
+        return result
+
+    async def _apply(self, command: Command, journal: tuple[str, str] | None) -> Applied | None:
         failures = 0
         delay = 0.1
         while True:
             started = time.perf_counter()
             try:
-                result = await self._intents.apply(command)
-            except TRANSIENT_ERRORS as exc:
-                metrics.TRANSIENT_FAILURES.labels("apply").inc()
-                log.warning("apply failed, retrying", extra={"ids": {"error": repr(exc)}})
-            except Exception:
-                failures += 1
-                log.exception("apply failed", extra={"ids": {"failures": failures}})
-                if failures >= MAX_FAILURES:
-                    metrics.COMMANDS.labels(command.TYPE, "dead_lettered").inc()
-                    return None
+                result = await self._intents.apply(command, journal=journal)
+            except Exception as exc:
+                if is_transient(exc):
+                    metrics.TRANSIENT_FAILURES.labels("apply").inc()
+                    log.warning("apply failed, retrying", extra={"ids": {"error": repr(exc)}})
+                else:
+                    failures += 1
+                    log.exception("apply failed", extra={"ids": {"failures": failures}})
+                    if failures >= MAX_FAILURES:
+                        metrics.COMMANDS.labels(command.TYPE, "dead_lettered").inc()
+                        return None
             else:
                 metrics.APPLY_SECONDS.labels(command.TYPE).observe(time.perf_counter() - started)
                 metrics.COMMANDS.labels(command.TYPE, result.outcome).inc()
                 log.info(f"command {result.outcome}", extra={"ids": {
                     "command": command.TYPE, "detail": result.detail}})
                 return result
-            if self._stopping:
-                raise _Abandoned
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
+            delay = await self._pause(delay)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, retried in place while the database is unavailable."""
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                metrics.TRANSIENT_FAILURES.labels("apply").inc()
+                log.warning("database unavailable, retrying", extra={"ids": {
+                    "error": repr(exc)}})
+            delay = await self._pause(delay)
+
+    async def _pause(self, delay: float) -> float:
+        if self._stopping:
+            raise _Abandoned
+        await asyncio.sleep(delay)
+        return min(delay * 2, RETRY_MAX_S)
+
+    async def _forget_start(self, journal: tuple[str, str]) -> None:
+        try:
+            await self._db.execute(FORGET_START, *journal)
+        except Exception as exc:
+            # The sweeper deletes journal rows left this long.
+            log.warning("could not forget a command's start", extra={"ids": {
+                "error": repr(exc)}})
 
     async def _clear_pending(self, command: ClientCommand) -> None:
         try:
@@ -174,9 +295,9 @@ class PartitionConsumer:
             log.warning("could not clear the pending marker", extra={"ids": {"error": repr(exc)}})
 
     async def _settle(self, message: aio_pika.abc.AbstractIncomingMessage, *,
-                      requeue_dead: bool = False) -> None:
+                      dead_letter: bool = False) -> None:
         try:
-            if requeue_dead:
+            if dead_letter:
                 await message.reject(requeue=False)
             else:
                 await message.ack()
@@ -198,6 +319,7 @@ class PartitionConsumer:
             self._runner.cancel()
             await self._runner.drain(1.0)
         if self._channel is not None:
-            await self._channel.close()
-
-
+            try:
+                await self._channel.close()
+            except Exception as exc:
+                log.warning("could not close the channel", extra={"ids": {"error": repr(exc)}})

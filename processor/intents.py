@@ -7,8 +7,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
-
 from contracts import ids, objects
 from contracts.commands import ApplyPSPResult, ClientCommand, Command, ConfirmIntent, CreateIntent
 from contracts.enums import ChargeStatus, EventType, IntentStatus
@@ -18,6 +16,7 @@ from contracts.transitions import Action, next_status
 
 log = logging.getLogger(__name__)
 
+FORGET_START = "DELETE FROM command_starts WHERE queue = $1 AND message_id = $2"
 INSERT_INBOX = """
 INSERT INTO inbox (account_id, idempotency_key, fingerprint, command, object_id, outcome,
                    request_id)
@@ -98,8 +97,12 @@ class Intents:
         self._events_exchange = topology.events
         self._commands_exchange = topology.commands
 
-    async def apply(self, command: Command) -> Applied:
+    async def apply(self, command: Command, *, journal: tuple[str, str] | None = None) -> Applied:
+        """Apply `command` in one transaction; `journal` (queue, message id) names the record
+        of its start that the transaction deletes (processor/consumer.py)."""
         async with self._pool.acquire() as conn, conn.transaction():
+            if journal is not None:
+                await conn.execute(FORGET_START, *journal)
             if isinstance(command, ClientCommand):
                 return await self._apply_client(conn, command)
             assert isinstance(command, ApplyPSPResult)
@@ -207,14 +210,3 @@ class Intents:
         key = command.idempotency_key if isinstance(command, ClientCommand) else None
         await conn.execute(INSERT_EVENT, event_id, command.account_id, event_type, obj["id"],
                            obj, previous, command.request_id, key, self._events_exchange)
-
-
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-)

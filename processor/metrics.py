@@ -24,7 +24,32 @@ INTENTS_IN_PROGRESS = Gauge(
     "payonce_processor_intents_in_progress", "Intents with commands being applied"
 )
 EVENTS_PUBLISHED = Counter("payonce_processor_events_published_total", "Events relayed")
+# The gauges below are read from Postgres and RabbitMQ when /metrics is scraped, not kept by
+# the loops they watch: a dead relay cannot freeze its own lag.
 OUTBOX_LAG = Gauge(
     "payonce_processor_outbox_lag_seconds",
-    "Age of the oldest event not yet published, as the relay last saw it (0 when caught up)",
+    "Age of the oldest event not yet published (0 when caught up; NaN when unreadable)",
+)
+INTENTS_STUCK = Gauge(
+    "payonce_processor_intents_stuck",
+    "Intents processing for longer than the stuck threshold (NaN when unreadable)",
+)
+DEAD_LETTER_DEPTH = Gauge(
+    "payonce_dead_letter_queue_messages",
+    "Messages waiting in the dead-letter queue for an operator (NaN when unreadable)",
+)
+DEAD_LETTERS = Counter(
+    "payonce_processor_dead_letters_total",
+    "Messages seen arriving in the dead-letter queue, by the broker's reason", ["reason"],
+)
+ATTEMPTS_WAITING = Gauge(
+    "payonce_processor_attempts_waiting", "Attempts kicked, waiting for a free PSP slot"
+)
+ATTEMPTS_DEFERRED = Counter(
+    "payonce_processor_attempts_deferred_total",
+    "Attempts kicked while the waiting list was full, left to the sweeper",
+)
+RESULTS_REREPORTED = Counter(
+    "payonce_processor_results_rereported_total",
+    "PSP results published again because they were not applied in time",
 )

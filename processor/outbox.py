@@ -5,24 +5,30 @@ exchange they go to. One relay per exchange holds an advisory lock and publishes
 order, each with its stable id as the message id, then marks them published. A crash between
 the broker's confirm and the mark publishes those events again (at least once); consumers
 dedupe by id.
+
+Events are published mandatory: the broker must route each one to at least one queue (the
+webhook queue, declared in contracts/topology.py, always binds them all). An event that comes
+back unrouted, or is refused, or is not confirmed in time, is not marked: the batch fails and
+the relay's loop (ops.loops.Loop) runs again, with a new connection and channel, after a
+backoff. So a broker or database restart only delays events, and the relay never stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import zlib
 from typing import Any
 
 import aio_pika
 import orjson
+from pamqp.commands import Basic
 
 from contracts import objects
-from contracts.topology import Topology
+from contracts.topology import Topology, declare_events
+from ops.loops import Loop
 from ops.postgres import connect
 from processor import metrics
-from processor.intents import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,10 @@ SELECT * FROM events WHERE exchange = $1 AND published_at IS NULL ORDER BY seq L
 MARK_PUBLISHED = "UPDATE events SET published_at = now() WHERE seq = ANY($1::bigint[])"
 
 
+class RelayError(Exception):
+    """The broker did not take an event: it comes back in the next round."""
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -40,38 +50,36 @@ class OutboxRelay:
         connection: aio_pika.abc.AbstractRobustConnection,
         topology: Topology,
         idle_s: float,
+        timeout_s: float,
     ) -> None:
         self._database_url = database_url
         self._amqp = connection
         self._topology = topology
         self._idle_s = idle_s
+        self._timeout_s = timeout_s
         self._wake = asyncio.Event()
-        self._stopping = False
 
-    async def run_forever(self) -> None:
-        while not self._stopping:
-            try:
-                await self._run()
-            except (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError) as exc:  # type: ignore[misc]
-                metrics.TRANSIENT_FAILURES.labels("outbox").inc()
-                log.warning("outbox relay restarting", extra={"ids": {"error": repr(exc)}})
-                await asyncio.sleep(1.0)
-
-    async def _run(self) -> None:
-        conn = await connect(self._database_url)
-        channel = await self._amqp.channel(publisher_confirms=True)
+    async def run(self, loop: Loop) -> None:
+        """The relay's body: returns or raises only when it must start over."""
+        conn = await connect(self._database_url, timeout_s=self._timeout_s)
+        try:
+            channel = await self._amqp.channel(publisher_confirms=True)
+        except BaseException:
+            await conn.close(timeout=self._timeout_s)
+            raise
         try:
             await conn.add_listener("payonce_events", lambda *_: self._wake.set())
             # One relay per exchange publishes, so events leave in commit order; others wait.
             lock = zlib.crc32(f"payonce.outbox:{self._topology.events}".encode())
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
-                if await self._idle():
-                    return
+                loop.beat()
+                await self._idle()
+            # A queue deleted by an operator is declared again, so events are never unrouted.
+            await declare_events(channel, self._topology)
             exchange = await channel.get_exchange(self._topology.events)
-            while not self._stopping:
+            while True:
                 rows = await conn.fetch(UNPUBLISHED, self._topology.events, BATCH)
-                oldest = rows[0]["created"].timestamp() if rows else time.time()
-                metrics.OUTBOX_LAG.set(time.time() - oldest)
+                loop.beat()
                 if rows:
                     await self._publish(exchange, rows)
                     await conn.execute(MARK_PUBLISHED, [r["seq"] for r in rows])
@@ -79,22 +87,26 @@ class OutboxRelay:
                     continue
                 await self._idle()
         finally:
-            await channel.close()
-            await conn.close()
+            # Closing over a dead connection must not hang the loop.
+            for close in (channel.close, lambda: conn.close(timeout=self._timeout_s)):
+                try:
+                    async with asyncio.timeout(self._timeout_s):
+                        await close()
+                except Exception as exc:
+                    log.debug("close failed", extra={"ids": {"error": repr(exc)}})
 
-    async def _idle(self) -> bool:
-        """Wait for new events or the poll interval; True once stopping."""
+    async def _idle(self) -> None:
+        """Wait for new events or the poll interval."""
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=self._idle_s)
         except TimeoutError:
             pass
         self._wake.clear()
-        return self._stopping
 
     async def _publish(self, exchange: aio_pika.abc.AbstractExchange, rows: list[Any]) -> None:
         # Publishes go out on the channel in call order; awaiting the confirms together
         # keeps that order while paying one round trip per batch, not per event.
-        await asyncio.gather(*(
+        confirmations = await asyncio.gather(*(
             exchange.publish(
                 aio_pika.Message(
                     body=orjson.dumps(objects.event(row)),
@@ -106,12 +118,12 @@ class OutboxRelay:
                     headers={"account_id": row["account_id"], "object_id": row["object_id"]},
                 ),
                 routing_key=row["type"],
-                mandatory=False,
-                timeout=30,
+                mandatory=True,
+                timeout=self._timeout_s,
             )
             for row in rows
         ))
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
+        unrouted = [row["id"] for row, c in zip(rows, confirmations, strict=True)
+                    if not isinstance(c, Basic.Ack)]
+        if unrouted:
+            raise RelayError(f"{len(unrouted)} event(s) reached no queue, e.g. {unrouted[0]}")

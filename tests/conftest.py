@@ -197,7 +197,7 @@ async def stack(settings: Settings | None = None, *, processor: bool = True,
                 edge: bool = True) -> AsyncIterator[Stack]:
     """An edge (in-process test server) and, optionally, an in-process processor."""
     settings = settings or make_settings()
-    db = await create_pool(settings.database_url, min_size=1, max_size=10)
+    db = await create_pool(settings.database_url, timeout_s=10.0, min_size=1, max_size=10)
     redis = aioredis.from_url(settings.redis_url)
     session = aiohttp.ClientSession()
     server = TestServer(create_app(settings), host="127.0.0.1") if edge else None

@@ -15,7 +15,7 @@ SETTLE_BOUND_S = 60.0
 
 
 async def test_slow_psp_does_not_serialize_intents(migrated: None) -> None:
-    settings = make_settings(psp_latency_ms=(2000, 2000), psp_timeout_s=10.0)
+    settings = make_settings(psp_latency_ms=(2000, 2000), psp_timeout_s=10.0, psp_lease_s=15.0)
     async with stack(settings) as s:
         api = await s.client()
         started = time.monotonic()

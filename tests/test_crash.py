@@ -43,7 +43,7 @@ from tests.support import (
 async def test_kill_9_mid_flight_loses_nothing(
     migrated: None, procs: list[Proc], tmp_path: Path
 ) -> None:
-    settings = make_settings(psp_latency_ms=(300, 900), psp_lease_s=2.0,
+    settings = make_settings(psp_latency_ms=(300, 900), psp_timeout_s=1.5, psp_lease_s=2.0,
                              processor_metrics_port=free_port())
     amounts = Amounts(60)
     async with stack(settings, processor=False) as s, EventTap(settings).bound() as tap:
@@ -89,7 +89,8 @@ async def test_kill_9_mid_flight_loses_nothing(
 async def test_crash_after_psp_charged_before_recorded(
     migrated: None, procs: list[Proc], tmp_path: Path
 ) -> None:
-    settings = make_settings(psp_lease_s=1.0, processor_metrics_port=free_port())
+    settings = make_settings(psp_timeout_s=0.5, psp_lease_s=1.0,
+                             processor_metrics_port=free_port())
     amounts = Amounts(1)
     async with stack(settings, processor=False) as s:
         api = await s.client()
@@ -120,7 +121,7 @@ async def test_crash_after_psp_charged_before_recorded(
 async def test_edge_killed_between_publish_and_response(
     migrated: None, procs: list[Proc], tmp_path: Path
 ) -> None:
-    settings = make_settings(idempotency_lock_ms=1000, edge_port=free_port())
+    settings = make_settings(edge_port=free_port())
     async with stack(settings, processor=False) as s:
         local = await s.client()
         key = str(uuid.uuid4())
@@ -138,7 +139,9 @@ async def test_edge_killed_between_publish_and_response(
         settings = settings.with_(edge_port=free_port())
         await start_proc("edge", settings, procs, tmp_path)
         api.base_url = f"http://127.0.0.1:{settings.edge_port}"
-        # As a Stripe client does: a 409 (key still locked by the dead request) is retried.
+        # As a Stripe client does: a 409 (key still locked by the dead request, until its
+        # edge's liveness key lapses) is retried. The lock itself would last far longer.
+        assert await s.redis.pttl(f"idem:{api.account_id}:{key}") > 5000
         async with asyncio.timeout(20):
             while (retry := await api.post("/v1/payment_intents", params, key=key)).status == 409:
                 assert retry.error["code"] == "idempotency_key_in_use"

@@ -143,7 +143,8 @@ async def test_425_until_applied_then_200(migrated: None) -> None:
 
 
 async def test_charge_425_while_processing(migrated: None) -> None:
-    async with stack(make_settings(psp_latency_ms=(3000, 3000), psp_timeout_s=10.0)) as s:
+    slow = make_settings(psp_latency_ms=(3000, 3000), psp_timeout_s=10.0, psp_lease_s=15.0)
+    async with stack(slow) as s:
         api = await s.client()
         created = await api.create(amount=1000, currency="usd", payment_method="pm_card_visa",
                                    confirm=True)
@@ -225,7 +226,8 @@ async def test_health_and_ready(api: Client) -> None:
     assert health.status == 200 and health.body == {"status": "ok"}
     ready = await api.get("/ready", auth=None)
     assert ready.status == 200
-    assert ready.body["checks"] == {"postgres": "ok", "redis": "ok", "rabbitmq": "ok"}
+    assert ready.body["checks"] == {"postgres": "ok", "redis": "ok", "rabbitmq": "ok",
+                                    "edge_heartbeat": "ok"}
 
 
 async def test_reads_never_go_back_behind_an_accepted_confirm(migrated: None) -> None:
@@ -265,8 +267,15 @@ async def test_metrics_and_processor_health(shared: Stack, api: Client) -> None:
     assert 'payonce_processor_commands_total{command="payment_intent.psp_result",' \
            'outcome="applied"}' in text
     assert 'payonce_processor_psp_calls_total{result="succeeded"}' in text
-    assert "payonce_processor_outbox_lag_seconds" in text
+    for gauge in ("payonce_processor_outbox_lag_seconds", "payonce_processor_intents_stuck",
+                  "payonce_dead_letter_queue_messages"):
+        value = next(line for line in text.splitlines() if line.startswith(gauge + " "))
+        assert float(value.split()[1]) >= 0, value  # read from the source, not NaN
     for path in ("/health", "/ready"):
         async with api.session.get(base + path) as resp:
             assert resp.status == 200
             assert (await resp.json())["status"] == "ok"
+    async with api.session.get(f"{base}/ready") as resp:
+        assert (await resp.json())["checks"] == {
+            "postgres": "ok", "redis": "ok", "rabbitmq": "ok", "attempt_sweeper": "ok",
+            "outbox_relay": "ok", "dead_letter_watcher": "ok"}

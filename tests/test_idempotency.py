@@ -94,8 +94,11 @@ async def test_same_key_different_request_is_refused(api: Client, shared: Stack)
 async def test_same_key_in_flight_is_409_then_released(api: Client, shared: Stack) -> None:
     key = str(uuid.uuid4())
     raw = {"amount": "1000", "currency": "usd"}
+    # Another edge, alive (its heartbeat is fresh), holds the key.
     store = IdempotencyStore(shared.redis, ttl_s=shared.settings.idempotency_ttl_s,
-                             lock_ms=shared.settings.idempotency_lock_ms)
+                             lock_ms=shared.settings.idempotency_lock_ms,
+                             owner=f"test-{uuid.uuid4()}")
+    await store.heartbeat(60_000)
     fp = fingerprint("POST", CREATE, params.create_intent(raw))
     claim = await store.claim(api.account_id, key, fp)
     assert isinstance(claim, Claim)
@@ -113,10 +116,42 @@ async def test_same_key_in_flight_is_409_then_released(api: Client, shared: Stac
     assert await shared.redis.get(claim.redis_key) == claim.record
 
     await store.release(claim)
+    await store.retire()
     created = await api.post(CREATE, raw, key=key)
     assert created.status == 202 and "Idempotent-Replayed" not in created.headers
     assert created.body["id"] == intent_id
     await api.wait_for(intent_id, ["requires_payment_method"])
+    assert await count(api, "payment_intents") == 1
+
+
+async def test_key_of_a_dead_edge_is_taken_over(api: Client, shared: Stack) -> None:
+    """An edge that died mid-request leaves its key in flight until the lock expires; once its
+    liveness key has lapsed, the next retry takes the key over instead of waiting."""
+    key = str(uuid.uuid4())
+    raw = {"amount": "1000", "currency": "usd"}
+    dead = IdempotencyStore(shared.redis, ttl_s=shared.settings.idempotency_ttl_s,
+                            lock_ms=shared.settings.idempotency_lock_ms,
+                            owner=f"test-{uuid.uuid4()}")
+    await dead.heartbeat(60_000)
+    fp = fingerprint("POST", CREATE, params.create_intent(raw))
+    claim = await dead.claim(api.account_id, key, fp)
+    assert isinstance(claim, Claim)
+    assert_idempotency_error(await api.post(CREATE, raw, key=key), 409, "idempotency_key_in_use")
+
+    await dead.retire()  # what the heartbeat's expiry does for an edge killed with -9
+    assert await shared.redis.pttl(claim.redis_key) > 1000  # the lock itself is far from over
+    # Another request under the key is still not the same request.
+    other = await api.post(CREATE, {**raw, "amount": "500"}, key=key)
+    assert_idempotency_error(other, 400, "idempotency_key_reused")
+    taken = await api.post(CREATE, raw, key=key)
+    assert taken.status == 202, taken.body
+    assert taken.body["id"] == ids.intent_id(shared.settings.secret_bytes, api.account_id, key)
+    # The dead request can no longer finish or release what is not its own any more.
+    await dead.finish(claim, fp, 500, b"{}")
+    await dead.release(claim)
+    replay = await api.post(CREATE, raw, key=key)
+    assert replay.status == 202 and replay.headers["Idempotent-Replayed"] == "true"
+    await api.wait_for(taken.body["id"], ["requires_payment_method"])
     assert await count(api, "payment_intents") == 1
 
 

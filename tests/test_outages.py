@@ -8,6 +8,7 @@ import uuid
 
 import aio_pika
 
+from contracts import ids
 from contracts.topology import Topology, declare
 from tests.conftest import make_settings, stack
 
@@ -32,9 +33,11 @@ async def test_redis_unreachable(migrated: None) -> None:
 
 
 async def test_lost_exchange_is_503_then_recovers(migrated: None) -> None:
-    """The commands exchange vanishes (an operator's mistake, a broker reset): publishes fail
-    and are answered 503, the key is released and no 425 marker stays behind; once the
-    topology is back the same request succeeds and is applied once."""
+    """The commands exchange vanishes (an operator's mistake, a broker reset): the broker
+    closes the channel under the publish, so its outcome is unknown. The answer is a 503 that
+    says so; the key keeps its fingerprint (another request under it is an idempotency error)
+    and no 425 marker stays behind. Once the topology is back the same request succeeds and is
+    applied once."""
     async with stack() as s:
         api = await s.client()
         topology = Topology(s.settings.amqp_prefix, s.settings.partitions)
@@ -45,8 +48,12 @@ async def test_lost_exchange_is_503_then_recovers(migrated: None) -> None:
             key = str(uuid.uuid4())
             reply = await api.post("/v1/payment_intents", VALID, key=key)
             assert reply.status == 503, reply.body
+            assert reply.error["code"] == "outcome_unknown"
             assert reply.headers["Stripe-Should-Retry"] == "true"
-            assert await s.redis.exists(f"idem:{api.account_id}:{key}") == 0
+            intent_id = ids.intent_id(s.settings.secret_bytes, api.account_id, key)
+            assert (await api.get(f"/v1/payment_intents/{intent_id}")).status == 404
+            other = await api.post("/v1/payment_intents", {**VALID, "amount": "999"}, key=key)
+            assert other.status == 400 and other.error["type"] == "idempotency_error"
             await declare(channel, topology)
         async with asyncio.timeout(20):
             while True:
@@ -55,6 +62,7 @@ async def test_lost_exchange_is_503_then_recovers(migrated: None) -> None:
                     break
                 assert retry.status == 503, retry.body
                 await asyncio.sleep(0.2)
+        assert retry.body["id"] == intent_id
         done = await api.wait_for(retry.body["id"], ["succeeded"])
         assert done["amount_received"] == 1000
         assert await api.db.fetchval(

@@ -1,0 +1,46 @@
+"""`/health` (the process runs) and `/ready` (it can do its work: its dependencies answer and
+its background loops are alive), the same for every payonce process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import aio_pika
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from ops.loops import Loop
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
+async def readiness(
+    *,
+    db: Any,
+    redis: aioredis.Redis,
+    amqp: aio_pika.abc.AbstractRobustConnection,
+    loops: Iterable[Loop] = (),
+) -> web.Response:
+    """503 and the failing checks unless every dependency answers and every loop is alive."""
+    checks: dict[str, str] = {}
+    try:
+        await db.fetchval("SELECT 1")
+        checks["postgres"] = "ok"
+    except Exception as exc:
+        checks["postgres"] = type(exc).__name__
+    try:
+        await redis.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = type(exc).__name__
+    checks["rabbitmq"] = "ok" if amqp.connected.is_set() else "disconnected"
+    for loop in loops:
+        checks[loop.name] = "ok" if loop.alive() else "stalled"
+    ok = all(v == "ok" for v in checks.values())
+    return web.Response(
+        body=orjson.dumps({"status": "ok" if ok else "unavailable", "checks": checks}),
+        status=200 if ok else 503, content_type="application/json")
