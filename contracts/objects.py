@@ -1,28 +1,121 @@
 """API objects as clients see them, rendered from database rows (or from a command, for the
 202 answered before the command is applied). One renderer per object, used by the edge for
-responses and by the processor for event payloads, so both always agree."""
+responses and by the processor for event payloads, so both always agree.
+
+Each object carries every field Stripe returns for it. Where payonce has nothing to say (no
+Connect, no Radar, no receipts, no shipping) the field is null, as Stripe's schema allows, or
+the empty value Stripe itself sends (`fraud_details: {}`); nothing is made up. The card
+behind a payment method is known only for Stripe's test cards, named by their ids; any other
+`pm_…` is rendered as the default test card, a visa ending 4242.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from contracts import ids
+
+API_VERSION = "2024-06-20"
+
+# Stripe's test payment methods: the card's brand and the last four digits of its number
+# (stripe.com/docs/testing).
+TEST_CARDS: dict[str, tuple[str, str]] = {
+    "pm_card_visa": ("visa", "4242"),
+    "pm_card_mastercard": ("mastercard", "4444"),
+    "pm_card_amex": ("amex", "8431"),
+    "pm_card_visa_chargeDeclined": ("visa", "0002"),
+    "pm_card_visa_chargeDeclinedInsufficientFunds": ("visa", "9995"),
+    "pm_card_visa_chargeDeclinedLostCard": ("visa", "9987"),
+    "pm_card_visa_chargeDeclinedStolenCard": ("visa", "9979"),
+    "pm_card_chargeDeclinedExpiredCard": ("visa", "0069"),
+    "pm_card_chargeDeclinedIncorrectCvc": ("visa", "0127"),
+    "pm_card_chargeDeclinedProcessingError": ("visa", "0119"),
+    "pm_card_visa_chargeDeclinedVelocityLimitExceeded": ("visa", "6975"),
+    "pm_card_refundFail": ("visa", "5126"),
+}
+DEFAULT_CARD = TEST_CARDS["pm_card_visa"]
+
+# The seller messages Stripe puts in a charge's outcome.
+_APPROVED = "Payment complete."
+_GENERIC_DECLINE = "The bank did not return any further details with this decline."
 
 
 def unix(value: datetime | int) -> int:
     return value if isinstance(value, int) else int(value.timestamp())
 
 
+def _card(payment_method_id: str, created: int) -> dict[str, Any]:
+    """What every rendering of a card shares. Stripe's test cards are US credit cards; their
+    expiry is any date to come, here the December after the card was first used."""
+    brand, last4 = TEST_CARDS.get(payment_method_id, DEFAULT_CARD)
+    return {
+        "brand": brand,
+        "checks": {"address_line1_check": None, "address_postal_code_check": None,
+                   "cvc_check": None},
+        "country": "US",
+        "exp_month": 12,
+        "exp_year": datetime.fromtimestamp(created, UTC).year + 1,
+        "fingerprint": None,
+        "funding": "credit",
+        "last4": last4,
+        "wallet": None,
+    }
+
+
+def billing_details() -> dict[str, Any]:
+    """No billing details are collected: every field present, every one null."""
+    address = dict.fromkeys(("city", "country", "line1", "line2", "postal_code", "state"))
+    return {"address": address, "email": None, "name": None, "phone": None}
+
+
+def payment_method(payment_method_id: str, created: int) -> dict[str, Any]:
+    """The PaymentMethod object, as `last_payment_error.payment_method` carries it. `created`
+    is when it was first used: a test card's PaymentMethod comes into being with its charge."""
+    card = _card(payment_method_id, created)
+    return {
+        "id": payment_method_id,
+        "object": "payment_method",
+        "billing_details": billing_details(),
+        "card": {
+            **card,
+            "generated_from": None,
+            "networks": {"available": [card["brand"]], "preferred": None},
+            "three_d_secure_usage": {"supported": True},
+        },
+        "created": created,
+        "customer": None,
+        "livemode": False,
+        "metadata": {},
+        "type": "card",
+    }
+
+
+def _last_payment_error(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    error = row.get("last_payment_error")
+    if error is None:
+        return None
+    method = error.get("payment_method")
+    if isinstance(method, dict) and "type" not in method:
+        # Errors stored before payment methods were rendered in full hold an {id, object}
+        # stub; the intent's last update is when that payment failed.
+        when = unix(row.get("updated_at") or row["created"])
+        error = {**error, "payment_method": payment_method(method["id"], when)}
+    return dict(error)
+
+
 def payment_intent(row: Mapping[str, Any], secret: bytes) -> dict[str, Any]:
-    amount_received = row.get("amount_received") or 0
     return {
         "id": row["id"],
         "object": "payment_intent",
         "amount": row["amount"],
         "amount_capturable": 0,
-        "amount_received": amount_received,
+        "amount_details": {"tip": {}},
+        "amount_received": row.get("amount_received") or 0,
+        "application": None,
+        "application_fee_amount": None,
+        "automatic_payment_methods": None,
         "canceled_at": None,
         "cancellation_reason": None,
         "capture_method": row.get("capture_method") or "automatic",
@@ -31,61 +124,126 @@ def payment_intent(row: Mapping[str, Any], secret: bytes) -> dict[str, Any]:
         "created": unix(row["created"]),
         "currency": row["currency"],
         "customer": row.get("customer"),
+        "customer_account": None,
         "description": row.get("description"),
-        "last_payment_error": row.get("last_payment_error"),
+        "excluded_payment_method_types": None,
+        "last_payment_error": _last_payment_error(row),
         "latest_charge": row.get("latest_charge"),
         "livemode": False,
+        "managed_payments": None,
         "metadata": dict(row.get("metadata") or {}),
         "next_action": None,
+        "on_behalf_of": None,
         "payment_method": row.get("payment_method"),
+        "payment_method_configuration_details": None,
+        "payment_method_options": None,
         "payment_method_types": ["card"],
+        "processing": None,
+        "receipt_email": None,
+        "review": None,
+        "setup_future_usage": None,
+        "shipping": None,
+        "source": None,
+        "statement_descriptor": None,
+        "statement_descriptor_suffix": None,
         "status": row["status"],
+        "transfer_data": None,
+        "transfer_group": None,
     }
 
 
+def _outcome(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Radar does not run here, hence `risk_level: not_assessed`."""
+    if row["status"] == "succeeded":
+        return {"network_status": "approved_by_network", "reason": None,
+                "risk_level": "not_assessed", "seller_message": _APPROVED, "type": "authorized"}
+    if row["status"] == "failed":
+        decline = row.get("decline_code")
+        message = (_GENERIC_DECLINE if decline in (None, "generic_decline")
+                   else f"The bank returned the decline code `{decline}`.")
+        return {"network_status": "declined_by_network", "reason": decline,
+                "risk_level": "not_assessed", "seller_message": message,
+                "type": "issuer_declined"}
+    return None
+
+
 def charge(row: Mapping[str, Any]) -> dict[str, Any]:
-    succeeded = row["status"] == "succeeded"
-    failed = row["status"] == "failed"
+    """A charge. `authorization_code` (the PSP's approval code, top level) is payonce's own;
+    Stripe copies the intent's customer and description onto its charges, which a charge row
+    alone cannot, so they are null here."""
+    created = unix(row["created"])
+    card = _card(row["payment_method"], created)
     return {
         "id": row["id"],
         "object": "charge",
         "amount": row["amount"],
         "amount_captured": row["amount_captured"],
         "amount_refunded": 0,
+        "application": None,
+        "application_fee": None,
+        "application_fee_amount": None,
         "authorization_code": row.get("authorization_code"),
+        "balance_transaction": None,
+        "billing_details": billing_details(),
+        "calculated_statement_descriptor": None,
         "captured": row["amount_captured"] > 0,
-        "created": unix(row["created"]),
+        "created": created,
         "currency": row["currency"],
+        "customer": None,
+        "description": None,
+        "disputed": False,
+        "failure_balance_transaction": None,
         "failure_code": row.get("failure_code"),
         "failure_message": row.get("failure_message"),
+        "fraud_details": {},
         "livemode": False,
         "metadata": {},
-        "outcome": {
-            "network_status": "approved_by_network" if succeeded else "declined_by_network",
-            "reason": row.get("decline_code") if failed else None,
-            "type": "authorized" if succeeded else "issuer_declined" if failed else "pending",
-        },
-        "paid": succeeded,
+        "on_behalf_of": None,
+        "outcome": _outcome(row),
+        "paid": row["status"] == "succeeded",
         "payment_intent": row["payment_intent_id"],
         "payment_method": row["payment_method"],
+        "payment_method_details": {
+            "type": "card",
+            "card": {
+                **card,
+                "installments": None,
+                "mandate": None,
+                "network": card["brand"],
+                "network_token": {"used": False},
+                "three_d_secure": None,
+            },
+        },
+        "receipt_email": None,
+        "receipt_number": None,
+        "receipt_url": None,
         "refunded": False,
+        "refunds": None,
+        "review": None,
+        "shipping": None,
+        "source": None,
+        "source_transfer": None,
+        "statement_descriptor": None,
+        "statement_descriptor_suffix": None,
         "status": row["status"],
+        "transfer_data": None,
+        "transfer_group": None,
     }
 
 
 def payment_error(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The `last_payment_error` a failed charge leaves on its intent."""
-    return {
+    """The `last_payment_error` a failed charge leaves on its intent; keys without a value are
+    left out, as in every Stripe error."""
+    error = {
         "type": "card_error",
+        "charge": row["id"],
         "code": row["failure_code"],
         "decline_code": row.get("decline_code"),
         "message": row["failure_message"],
-        "charge": row["id"],
-        "payment_method": {"id": row["payment_method"], "object": "payment_method"},
+        "payment_method": payment_method(row["payment_method"], unix(row["created"])),
+        "payment_method_type": "card",
     }
-
-
-API_VERSION = "2024-06-20"
+    return {k: v for k, v in error.items() if v is not None}
 
 
 def event(row: Mapping[str, Any]) -> dict[str, Any]:
