@@ -35,6 +35,7 @@ from ops.migrate import migrate
 from ops.postgres import create_pool
 from ops.settings import Settings
 from processor.app import Processor
+from tests import stripe_schema
 
 TERMINAL = ("succeeded", "requires_payment_method", "canceled")
 
@@ -119,6 +120,13 @@ class Client:
                 parsed: Any = await resp.json(content_type=None) if raw else None
             except ValueError:
                 parsed = raw.decode(errors="replace")
+            # Every answer of the API is held to Stripe's published schemas: its objects, and
+            # the error every non-2xx must carry for Stripe's libraries to read it.
+            if urlsplit(path).path not in ("/health", "/ready", "/metrics"):
+                if 200 <= resp.status < 300:
+                    stripe_schema.check_object(parsed)
+                else:
+                    stripe_schema.check("error", parsed)
             return Reply(resp.status, parsed, resp.headers)
 
     async def post(self, path: str, data: Any = None, **kw: Any) -> Reply:

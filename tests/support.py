@@ -16,6 +16,7 @@ import aio_pika
 
 from contracts.topology import Topology
 from ops.settings import Settings
+from tests import stripe_schema
 from tests.conftest import Client, Proc, form, start_proc
 
 VISA = "pm_card_visa"
@@ -179,7 +180,8 @@ async def check_ledger(db: Any, account_id: str, amounts: Amounts, since: Any,
 async def check_events(db: Any, account_id: str, cards: dict[str, str],
                        tap: EventTap | None) -> None:
     """Each intent has its created, processing and outcome events, in order, all published
-    (and, with a tap, all received from the events exchange)."""
+    (and, with a tap, all received from the events exchange), each object as Stripe's schema
+    has it."""
     deadline = time.monotonic() + 30
     while await db.fetchval(
             "SELECT count(*) FROM events WHERE account_id = $1 AND published_at IS NULL",
@@ -191,6 +193,7 @@ async def check_events(db: Any, account_id: str, cards: dict[str, str],
     by_intent: dict[str, list[str]] = {}
     for row in rows:
         obj = row["data"]
+        stripe_schema.check(obj["object"], obj)
         intent_id = obj["id"] if obj["object"] == "payment_intent" else obj["payment_intent"]
         by_intent.setdefault(intent_id, []).append(row["type"])
     assert by_intent == {i: EXPECTED_EVENTS[card] for i, card in cards.items()}

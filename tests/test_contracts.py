@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 import pytest
 
-from contracts import currencies, ids
+from contracts import currencies, ids, objects
 from contracts.commands import CommandDecodeError, ConfirmIntent, CreateIntent, decode
 from contracts.enums import IntentStatus as S
 from contracts.errors import InvalidRequest, PayonceError, ResourceMissing, UnexpectedState
 from contracts.transitions import TERMINAL, TRANSITIONS, Action, next_status
 from edge import params
+from tests import stripe_schema
+
+DECLINED = "pm_card_visa_chargeDeclinedInsufficientFunds"
 
 
 def test_confirm_only_before_processing() -> None:
@@ -163,3 +169,132 @@ def test_amounts_follow_the_currency() -> None:
         with pytest.raises(InvalidRequest) as raised:
             params.create_intent({"amount": "1000", "currency": unsupported})
         assert raised.value.param == "currency"
+
+
+# ---- objects against Stripe's published schemas -----------------------------------------
+
+NOW = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+INTENT_ROW = {
+    "id": "pi_" + "A" * 24, "amount": 2000, "amount_received": 0, "currency": "usd",
+    "status": "requires_payment_method", "capture_method": "automatic", "customer": "cus_1",
+    "description": "two tickets", "metadata": {"order": "42"}, "payment_method": None,
+    "last_payment_error": None, "latest_charge": None, "created": NOW, "updated_at": NOW,
+}
+
+
+def charge_row(payment_method: str, *, declined: str | None = None) -> dict[str, Any]:
+    failed = declined is not None
+    return {
+        "id": "ch_" + "B" * 24, "payment_intent_id": INTENT_ROW["id"], "amount": 2000,
+        "amount_captured": 0 if failed else 2000, "currency": "usd",
+        "status": "failed" if failed else "succeeded", "payment_method": payment_method,
+        "authorization_code": None if failed else "123456",
+        "failure_code": "card_declined" if failed else None,
+        "failure_message": "Your card has insufficient funds." if failed else None,
+        "decline_code": declined, "created": NOW,
+    }
+
+
+def test_intents_are_stripe_payment_intents_in_every_state() -> None:
+    projected = objects.payment_intent(
+        {**params.create_intent({"amount": "2000", "currency": "usd"}), "id": INTENT_ROW["id"],
+         "status": "requires_payment_method", "created": 1_700_000_000}, b"s")
+    declined_charge = charge_row(DECLINED, declined="insufficient_funds")
+    rows = [
+        INTENT_ROW,
+        {**INTENT_ROW, "status": "processing", "payment_method": "pm_card_visa"},
+        {**INTENT_ROW, "status": "succeeded", "payment_method": "pm_card_visa",
+         "amount_received": 2000, "latest_charge": "ch_" + "B" * 24},
+        {**INTENT_ROW, "payment_method": DECLINED, "latest_charge": declined_charge["id"],
+         "last_payment_error": objects.payment_error(declined_charge)},
+    ]
+    for intent in [projected, *(objects.payment_intent(r, b"s") for r in rows)]:
+        stripe_schema.check("payment_intent", intent)
+        assert set(intent) == stripe_schema.fixture_fields("payment_intent")
+
+
+def test_a_declined_payment_leaves_a_stripe_error_with_its_payment_method() -> None:
+    row = charge_row(DECLINED, declined="insufficient_funds")
+    error = objects.payment_error(row)
+    stripe_schema.check("error", {"error": error})
+    assert None not in error.values()
+    assert (error["type"], error["code"], error["decline_code"], error["charge"]) == (
+        "card_error", "card_declined", "insufficient_funds", row["id"])
+    method = error["payment_method"]
+    stripe_schema.check("payment_method", method)
+    assert (method["id"], method["object"], method["type"]) == (DECLINED, "payment_method",
+                                                                "card")
+    assert (method["card"]["brand"], method["card"]["last4"]) == ("visa", "9995")
+    assert method["created"] == int(NOW.timestamp()) and method["card"]["exp_year"] == 2026
+    assert "decline_code" not in objects.payment_error({**row, "decline_code": None})
+
+
+def test_errors_stored_with_a_payment_method_stub_render_in_full() -> None:
+    stub = {**objects.payment_error(charge_row(DECLINED, declined="generic_decline")),
+            "payment_method": {"id": DECLINED, "object": "payment_method"}}
+    intent = objects.payment_intent({**INTENT_ROW, "last_payment_error": stub}, b"s")
+    stripe_schema.check("payment_intent", intent)
+    method = intent["last_payment_error"]["payment_method"]
+    assert (method["card"]["last4"], method["created"]) == ("9995", int(NOW.timestamp()))
+
+
+@pytest.mark.parametrize(("payment_method", "brand", "last4"), [
+    ("pm_card_visa", "visa", "4242"), ("pm_card_mastercard", "mastercard", "4444"),
+    ("pm_card_amex", "amex", "8431"), ("pm_card_chargeDeclinedExpiredCard", "visa", "0069"),
+    ("pm_anything_else", "visa", "4242"),
+])
+def test_charges_are_stripe_charges_with_their_card(payment_method: str, brand: str,
+                                                   last4: str) -> None:
+    for row in (charge_row(payment_method), charge_row(payment_method, declined="lost_card")):
+        rendered = objects.charge(row)
+        stripe_schema.check("charge", rendered)
+        # authorization_code is payonce's own addition, documented in the README.
+        assert set(rendered) == stripe_schema.fixture_fields("charge") | {"authorization_code"}
+        details = rendered["payment_method_details"]
+        assert details["type"] == "card"
+        assert (details["card"]["brand"], details["card"]["last4"]) == (brand, last4)
+        assert rendered["billing_details"]["address"]["country"] is None
+        assert rendered["disputed"] is False
+
+
+def test_charge_outcomes() -> None:
+    paid = objects.charge(charge_row("pm_card_visa"))
+    assert (paid["paid"], paid["captured"], paid["outcome"]["type"]) == (True, True,
+                                                                         "authorized")
+    declined = objects.charge(charge_row(DECLINED, declined="generic_decline"))
+    assert (declined["paid"], declined["captured"]) == (False, False)
+    assert (declined["outcome"]["type"], declined["outcome"]["reason"]) == (
+        "issuer_declined", "generic_decline")
+    assert declined["failure_code"] == "card_declined"
+
+
+@pytest.mark.parametrize("error", [
+    PayonceError("boom"), InvalidRequest("bad"), UnexpectedState("no", param="payment_method"),
+    ResourceMissing("gone", param="intent"),
+    PayonceError("declined", code="card_declined", decline_code="lost_card"),
+], ids=["api_error", "invalid_request", "unexpected_state", "resource_missing", "declined"])
+def test_every_error_body_is_a_stripe_error(error: PayonceError) -> None:
+    stripe_schema.check("error", error.body())
+
+
+def test_openapi_nullable_required_and_additional_properties_are_honoured() -> None:
+    """The translation from OpenAPI 3.0 keeps what Stripe published: null only where
+    `nullable` says so (enums included), required fields, and typed maps; extra fields on
+    objects are allowed, as published."""
+    intent = objects.payment_intent(INTENT_ROW, b"s")
+    assert not stripe_schema.errors("payment_intent", {**intent, "description": None,
+                                                       "cancellation_reason": None})
+    assert stripe_schema.errors("payment_intent", {**intent, "status": None})
+    assert stripe_schema.errors("payment_intent", {**intent, "cancellation_reason": "bored"})
+    assert stripe_schema.errors("payment_intent", {**intent, "metadata": {"a": 1}})
+    assert stripe_schema.errors("payment_intent", {**intent, "last_payment_error": {
+        "type": "card_error", "code": None}})
+    assert not stripe_schema.errors("payment_intent", {**intent, "payonce_extra": 1})
+    del intent["capture_method"]
+    assert stripe_schema.errors("payment_intent", intent) == [
+        "(top): 'capture_method' is a required property"]
+    charge = objects.charge(charge_row("pm_card_visa"))
+    assert stripe_schema.errors("charge", {**charge, "disputed": None})
+    assert stripe_schema.errors("charge", {**charge, "billing_details": {"address": 5}})
+    assert stripe_schema.errors("error", {"error": {"type": "invalid_request_error",
+                                                    "param": None}})

@@ -1,0 +1,84 @@
+"""Stripe's published OpenAPI schemas (tests/data/stripe_schemas.json: PaymentIntent, Charge,
+the error and what they reference, from stripe/openapi's spec3 at the commit it names), as
+JSON Schema validators for what payonce returns.
+
+The spec is OpenAPI 3.0, whose `nullable: true` JSON Schema lacks: each schema marked so
+becomes `anyOf: [null, the schema]`, which also covers the `anyOf` + `nullable` that Stripe
+uses for nullable references, and `enum` lists that would otherwise refuse null. `required`
+and `additionalProperties` stay as published: Stripe's objects do not forbid extra fields,
+only maps such as `metadata` constrain their values.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+PATH = Path(__file__).parent / "data" / "stripe_schemas.json"
+REF_PREFIX = "#/components/schemas/"
+
+
+@cache
+def document() -> dict[str, Any]:
+    return json.loads(PATH.read_text())  # type: ignore[no-any-return]
+
+
+def translate(schema: Any) -> Any:
+    """One OpenAPI 3.0 schema object as JSON Schema (2020-12)."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "nullable":
+            continue
+        if key == "$ref":
+            assert value.startswith(REF_PREFIX), value
+            out[key] = "#/$defs/" + value.removeprefix(REF_PREFIX)
+        elif key == "properties":
+            out[key] = {name: translate(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties", "not"):
+            out[key] = translate(value)
+        elif key in ("anyOf", "oneOf", "allOf"):
+            out[key] = [translate(sub) for sub in value]
+        else:
+            out[key] = value
+    if schema.get("nullable") is True:
+        return {"anyOf": [{"type": "null"}, out]}
+    return out
+
+
+@cache
+def validator(name: str) -> Draft202012Validator:
+    schemas = document()["schemas"]
+    root = {"$ref": f"#/$defs/{name}",
+            "$defs": {n: translate(s) for n, s in schemas.items()}}
+    Draft202012Validator.check_schema(root)
+    return Draft202012Validator(root)
+
+
+def errors(name: str, instance: Any) -> list[str]:
+    """Every way `instance` breaks Stripe's schema `name`, as `path: message` lines."""
+    found = validator(name).iter_errors(instance)
+    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+                  for e in found)
+
+
+def check(name: str, instance: Any) -> None:
+    problems = errors(name, instance)
+    assert not problems, f"not a Stripe {name}:\n  " + "\n  ".join(problems[:20])
+
+
+def check_object(instance: Any) -> None:
+    """Validate an API object by its `object` field, when it is one Stripe's schemas here
+    describe."""
+    if isinstance(instance, dict) and instance.get("object") in ("payment_intent", "charge"):
+        check(instance["object"], instance)
+
+
+def fixture_fields(name: str) -> set[str]:
+    """The top-level fields Stripe returns today for `name` (from its fixtures)."""
+    return set(document()["current_fixture_fields"][name])
