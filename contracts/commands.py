@@ -46,9 +46,14 @@ class ClientCommand(Command):
 
     @property
     def message_id(self) -> str:
-        # Keys run to 255 characters and AMQP message ids to 255 bytes: a digest fits.
-        digest = hashlib.sha256(f"{self.account_id}\x1f{self.idempotency_key}".encode())
-        return f"cmd_{digest.hexdigest()[:40]}"
+        return client_message_id(self.account_id, self.idempotency_key)
+
+
+def client_message_id(account_id: str, idempotency_key: str) -> str:
+    """The message id of the command a client's POST makes: the same for every retry."""
+    # Keys run to 255 characters and AMQP message ids to 255 bytes: a digest fits.
+    digest = hashlib.sha256(f"{account_id}\x1f{idempotency_key}".encode())
+    return f"cmd_{digest.hexdigest()[:40]}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -195,6 +195,7 @@ async def accept(
         await pending.add(account_id, intent_id, key, projected, deadline_ns=deadline_ns)
     except RedisError as exc:
         raise unavailable("redis", exc) from exc
+    failpoints.hit("edge.before_publish")
     request[PUBLISHING] = True
     try:
         await app[PUBLISHER].publish(command, timeout_s=remaining)
