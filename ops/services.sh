@@ -4,9 +4,15 @@
 # exist. A local server that does not answer is started: with docker compose when a Docker
 # engine runs, else from the OS packages with its data in .data/ (PAYONCE_DATA_DIR).
 # Servers that already answer are used as they are, never restarted or reconfigured.
+# PAYONCE_SERVICES_VIA=packages uses the OS packages even when a Docker engine runs: the
+# fault-injection tests (tests/private.py) signal the servers' own processes.
+# PAYONCE_RABBITMQ_MANAGEMENT=0 starts RabbitMQ without its management UI (on by default).
 #
-#   bash ops/services.sh        # bring up / check
-#   bash ops/services.sh stop   # stop only what this script started from .data/ or docker
+#   bash ops/services.sh                    # bring up / check all three
+#   bash ops/services.sh up redis           # only the named ones (postgres, redis, rabbitmq)
+#   bash ops/services.sh stop [SERVICE...]  # stop only what this script started from .data/ or docker
+#   bash ops/services.sh rabbitmqctl ARGS   # rabbitmqctl (or rabbitmq-diagnostics) against the
+#                                           # node this script starts for PAYONCE_AMQP_URL
 #
 # SC2317: with the final exit, shellcheck takes the functions called by a computed name
 # (up_$svc, start_$svc) for unreachable (koalaman/shellcheck#3183).
@@ -42,6 +48,32 @@ own() { # own USER PATH...: hand PATHs to USER when it is the one that will writ
     as_user "$user" test -w "$1" ||
       die "user $user cannot write $1; set PAYONCE_DATA_DIR to a folder it can reach (e.g. /var/tmp/payonce)"
   fi
+}
+
+SERVICES=()
+pick_services() { # pick_services [NAME...]: the services to act on, all three when none is named
+  local svc
+  (($#)) || set -- postgres redis rabbitmq
+  for svc; do
+    case $svc in
+      postgres | redis | rabbitmq) ;;
+      *) die "unknown service '$svc' (expected postgres, redis or rabbitmq)" ;;
+    esac
+  done
+  SERVICES=("$@")
+}
+picked() { local svc; for svc in "${SERVICES[@]}"; do [[ $svc == "$1" ]] && return 0; done; return 1; }
+
+case ${PAYONCE_SERVICES_VIA:=auto} in
+  auto | packages) ;;
+  *) die "PAYONCE_SERVICES_VIA must be auto or packages, not '$PAYONCE_SERVICES_VIA'" ;;
+esac
+case ${PAYONCE_RABBITMQ_MANAGEMENT:=1} in
+  0 | 1) ;;
+  *) die "PAYONCE_RABBITMQ_MANAGEMENT must be 1 or 0, not '$PAYONCE_RABBITMQ_MANAGEMENT'" ;;
+esac
+via_docker() { # start missing servers with docker compose, rather than from the OS packages?
+  [[ $PAYONCE_SERVICES_VIA == auto ]] && command -v docker >/dev/null && docker info >/dev/null 2>&1
 }
 
 parse_urls() {
@@ -80,6 +112,8 @@ pg_sockdir() { if ((${#DATA} < 80)); then echo "$DATA/run"; else echo /tmp; fi; 
 rabbitmq_bin() { # the real scripts, not Debian's wrappers (they drop arguments when not root)
   if [[ -x /usr/lib/rabbitmq/bin/$1 ]]; then echo "/usr/lib/rabbitmq/bin/$1"; else command -v "$1"; fi
 }
+# One node per AMQP port, so a private broker never shares a name (or mnesia) with another.
+rabbitmq_node() { echo "payonce-$AMQP_PORT@localhost"; }
 
 up_postgres() {
   if command -v pg_isready >/dev/null; then
@@ -174,26 +208,36 @@ start_redis() {
 }
 
 start_rabbitmq() {
-  local base=$DATA/rabbitmq logs=$DATA/log/rabbitmq node="payonce-$AMQP_PORT@localhost"
-  local dist=$((AMQP_PORT + 20000)) mgmt=15672 server
+  local base=$DATA/rabbitmq logs=$DATA/log/rabbitmq node
+  local dist=$((AMQP_PORT + 20000)) mgmt=15672 server ports
   ((dist <= 65535)) || dist=$((AMQP_PORT - 10000))
+  node=$(rabbitmq_node)
   server=$(rabbitmq_bin rabbitmq-server) || die "rabbitmq-server not found"
   if alive "$base/rabbitmq.pid" beam.smp; then
     die "a RabbitMQ node from $base runs, but not on $AMQP_HOST:$AMQP_PORT; run: make stop-services"
   fi
   ! tcp_up 127.0.0.1 "$dist" ||
     die "port $dist (Erlang distribution for $node) is in use; pick another AMQP port"
-  while tcp_up 127.0.0.1 "$mgmt"; do # another broker's management UI may hold 15672
-    ((++mgmt < 15772)) || die "no free port for the RabbitMQ management UI in 15672-15771"
-  done
   mkdir -p "$base" "$logs"
   rm -f "$base/rabbitmq.pid"
-  printf '[rabbitmq_management].\n' >"$base/enabled_plugins"
-  printf 'management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = %s\nlog.console = false\n' "$mgmt" \
-    >"$base/rabbitmq.conf"
+  printf 'log.console = false\n' >"$base/rabbitmq.conf"
+  if ((PAYONCE_RABBITMQ_MANAGEMENT)); then
+    while tcp_up 127.0.0.1 "$mgmt"; do # another broker's management UI may hold 15672
+      ((++mgmt < 15772)) || die "no free port for the RabbitMQ management UI in 15672-15771"
+    done
+    printf '[rabbitmq_management].\n' >"$base/enabled_plugins"
+    printf 'management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = %s\n' "$mgmt" >>"$base/rabbitmq.conf"
+    ports="$AMQP_PORT, $dist and $mgmt"
+    say "rabbitmq: starting node $node on $(bind_addr "$AMQP_HOST"):$AMQP_PORT," \
+      "management on 127.0.0.1:$mgmt (log $logs/)"
+  else
+    # Without the UI a stop also takes seconds less: the plugin winds its statistics down first.
+    printf '[].\n' >"$base/enabled_plugins"
+    ports="$AMQP_PORT and $dist"
+    say "rabbitmq: starting node $node on $(bind_addr "$AMQP_HOST"):$AMQP_PORT, no management UI" \
+      "(log $logs/)"
+  fi
   own rabbitmq "$base" "$logs"
-  say "rabbitmq: starting node $node on $(bind_addr "$AMQP_HOST"):$AMQP_PORT," \
-    "management on 127.0.0.1:$mgmt (log $logs/)"
   # Not -detached: a node that fails to boot then says why in startup.log, and exits at once.
   # setsid keeps it out of the terminal's process group, so Ctrl-C on `make run` spares it.
   # RABBITMQ_CONF_ENV_FILE and the advanced config point into .data so /etc/rabbitmq is not read.
@@ -208,7 +252,7 @@ start_rabbitmq() {
     ERL_EPMD_ADDRESS=127.0.0.1 "$server") >"$logs/startup.log" 2>&1 </dev/null &
   RABBIT_STARTER=$!
   wait_until rabbitmq "$logs/$node.log" rabbitmq_booted "$logs/startup.log" \
-    "node $node, ports $AMQP_PORT, $dist and $mgmt"
+    "node $node, ports $ports"
 }
 rabbitmq_booted() {
   up_rabbitmq && return 0
@@ -283,9 +327,10 @@ SQL
 }
 
 cmd_up() {
+  pick_services "$@"
   parse_urls
-  local svc missing=()
-  for svc in postgres redis rabbitmq; do
+  local svc missing=() ready=
+  for svc in "${SERVICES[@]}"; do
     if "up_$svc"; then
       say "$svc: $(addr_of "$svc") answers"
     else
@@ -296,7 +341,7 @@ cmd_up() {
     fi
   done
   if ((${#missing[@]})); then
-    if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+    if via_docker; then
       start_docker "${missing[@]}"
     else
       if install_packages "${missing[@]}"; then
@@ -308,11 +353,14 @@ cmd_up() {
       for svc in "${missing[@]}"; do "start_$svc"; done
     fi
   fi
-  if is_local "$PG_HOST" && ! command -v psql >/dev/null && is_root && command -v apt-get >/dev/null; then
-    install_packages psql
+  if picked postgres; then
+    if is_local "$PG_HOST" && ! command -v psql >/dev/null && is_root && command -v apt-get >/dev/null; then
+      install_packages psql
+    fi
+    ensure_pg_role_and_dbs
   fi
-  ensure_pg_role_and_dbs
-  say "ready: postgres $PG_HOST:$PG_PORT, redis $REDIS_HOST:$REDIS_PORT, rabbitmq $AMQP_HOST:$AMQP_PORT"
+  for svc in "${SERVICES[@]}"; do ready+="${ready:+, }$svc $(addr_of "$svc")"; done
+  say "ready: $ready"
 }
 
 alive() { # alive PIDFILE COMM: the pid file names a live process of that command
@@ -337,30 +385,48 @@ stop_pid() { # stop_pid NAME PIDFILE COMM: SIGTERM a server we started, if it st
 }
 
 cmd_stop() {
+  pick_services "$@"
   local stopped=0 bin
-  if [[ -f $DATA/postgres/postmaster.pid ]] && bin=$(pg_bindir) &&
+  if picked postgres && [[ -f $DATA/postgres/postmaster.pid ]] && bin=$(pg_bindir) &&
     as_user postgres "$bin/pg_ctl" -D "$DATA/postgres" status >/dev/null 2>&1; then
     say "postgres: stopping the cluster in $DATA/postgres"
     as_user postgres "$bin/pg_ctl" -D "$DATA/postgres" -w -t "$TIMEOUT" -m fast stop >/dev/null
     stopped=1
   fi
-  stop_pid redis "$DATA/redis/redis.pid" redis-server && stopped=1
-  stop_pid rabbitmq "$DATA/rabbitmq/rabbitmq.pid" beam.smp && stopped=1
+  if picked redis; then stop_pid redis "$DATA/redis/redis.pid" redis-server && stopped=1; fi
+  if picked rabbitmq; then stop_pid rabbitmq "$DATA/rabbitmq/rabbitmq.pid" beam.smp && stopped=1; fi
   if [[ -s $DATA/docker-services ]] && command -v docker >/dev/null && docker info >/dev/null 2>&1; then
-    mapfile -t svcs < <(sort -u "$DATA/docker-services")
-    say "docker: docker compose stop ${svcs[*]}"
-    docker compose -f "$ROOT/docker-compose.yml" stop "${svcs[@]}"
-    rm -f "$DATA/docker-services"
-    stopped=1
+    local svc svcs=() rest=()
+    while read -r svc; do
+      if picked "$svc"; then svcs+=("$svc"); else rest+=("$svc"); fi
+    done < <(sort -u "$DATA/docker-services")
+    if ((${#svcs[@]})); then
+      say "docker: docker compose stop ${svcs[*]}"
+      docker compose -f "$ROOT/docker-compose.yml" stop "${svcs[@]}"
+      stopped=1
+    fi
+    if ((${#rest[@]})); then printf '%s\n' "${rest[@]}" >"$DATA/docker-services"; else rm -f "$DATA/docker-services"; fi
   fi
   ((stopped)) || say "nothing started from $DATA runs"
 }
 
+cmd_rabbitmq_cli() { # cmd_rabbitmq_cli TOOL ARGS...
+  local tool
+  parse_urls
+  tool=$(rabbitmq_bin "$1") || die "$1 not found"
+  shift
+  # As the rabbitmq user when root, as the server runs: the CLI must present its Erlang cookie.
+  as_user rabbitmq "$tool" -n "$(rabbitmq_node)" "$@"
+}
+
 main() {
-  case ${1:-up} in
-    up) cmd_up ;;
-    stop) cmd_stop ;;
-    *) die "usage: $0 [up|stop]" ;;
+  local cmd=${1:-up}
+  (($# == 0)) || shift
+  case $cmd in
+    up) cmd_up "$@" ;;
+    stop) cmd_stop "$@" ;;
+    rabbitmqctl | rabbitmq-diagnostics) cmd_rabbitmq_cli "$cmd" "$@" ;;
+    *) die "usage: $0 [up|stop [postgres|redis|rabbitmq...]] | rabbitmqctl|rabbitmq-diagnostics ARGS..." ;;
   esac
 }
 # One line, read whole before it runs, that ends in exit: bash reads a script as it runs it, and
