@@ -136,7 +136,8 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = client
     store = IdempotencyStore(client, ttl_s=settings.idempotency_ttl_s,
                              lock_ms=settings.idempotency_lock_ms,
-                             owner=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+                             owner=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}",
+                             deployment=settings.amqp_prefix)
     app[IDEMPOTENCY] = store
     app[PENDING] = PendingCommands(client, ttl_s=settings.pending_ttl_s)
     ttl_ms = int(settings.edge_heartbeat_s * 1000)

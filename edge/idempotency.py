@@ -20,7 +20,9 @@ edge/accept.py for a key that Postgres remembers and Redis forgot.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from contracts.errors import IdempotencyKeyInUse, IdempotencyMismatch, InvalidRequest
+
+log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 255
 
@@ -88,7 +92,8 @@ def alive_key(owner: str) -> str:
 
 class IdempotencyStore:
     def __init__(
-        self, redis: aioredis.Redis, *, ttl_s: int, lock_ms: int, owner: str
+        self, redis: aioredis.Redis, *, ttl_s: int, lock_ms: int, owner: str,
+        deployment: str = "payonce",
     ) -> None:
         self._redis = redis
         self._ttl_s = ttl_s
@@ -97,10 +102,38 @@ class IdempotencyStore:
         self._finish = redis.register_script(_FINISH)
         self._swap = redis.register_script(_SWAP)
         self._release = redis.register_script(_RELEASE)
+        # Set once by the first edge of the deployment to beat; its disappearance tells every
+        # edge that Redis lost its data.
+        self._epoch_key = f"epoch:{deployment}"
+        self._epoch: bytes | str | None = None
+        self._lost_at: float | None = None
 
     async def heartbeat(self, ttl_ms: int) -> None:
-        """This edge is alive for the next `ttl_ms`: its keys in flight stay its own."""
-        await self._redis.set(alive_key(self.owner), b"1", px=ttl_ms)
+        """This edge is alive for the next `ttl_ms`: its keys in flight stay its own.
+
+        Also notices when Redis lost its data (flushed, or restarted without persistence):
+        the epoch key it shares with the other edges vanished or changed since the last beat.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(alive_key(self.owner), b"1", px=ttl_ms)
+            pipe.set(self._epoch_key, secrets.token_hex(8), nx=True)
+            pipe.get(self._epoch_key)
+            _, _, epoch = await pipe.execute()
+        self._saw_epoch(epoch)
+
+    def _saw_epoch(self, epoch: bytes | str | None) -> None:
+        if self._epoch is not None and epoch != self._epoch:
+            self._lost_at = time.monotonic()
+            log.warning("Redis lost its data: unknown intents read as not ready for a while")
+        if epoch is not None:
+            self._epoch = epoch
+
+    async def lost_within(self, seconds: float) -> bool:
+        """Whether Redis lost its data (and with it the markers of commands still queued) in
+        the last `seconds`. Asks Redis rather than wait for the next heartbeat to notice."""
+        if self._lost_at is None or time.monotonic() - self._lost_at >= seconds:
+            self._saw_epoch(await self._redis.get(self._epoch_key))
+        return self._lost_at is not None and time.monotonic() - self._lost_at < seconds
 
     async def retire(self) -> None:
         """This edge stops: keys it still holds may be taken over at once."""

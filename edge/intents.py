@@ -15,6 +15,7 @@ from contracts.commands import ConfirmIntent, CreateIntent
 from contracts.enums import IntentStatus
 from contracts.errors import (
     InvalidRequest,
+    PayonceError,
     ResourceMissing,
     TooEarly,
 )
@@ -33,6 +34,7 @@ from edge.idempotency import check_key, fingerprint
 from edge.keys import (
     ACCOUNT_ID,
     DB,
+    IDEMPOTENCY,
     PENDING,
     REQUEST_ID,
     SETTINGS,
@@ -122,6 +124,20 @@ async def current_view(
     return None, None, []
 
 
+async def unknown_intent(request: web.Request, intent_id: str) -> PayonceError:
+    """404, unless Redis lost its data lately: the intent may then be a create accepted and
+    still queued whose marker was lost, so the client is told to retry (425), not that it
+    does not exist."""
+    settings = request.app[SETTINGS]
+    if INTENT_ID.fullmatch(intent_id) and await request.app[IDEMPOTENCY].lost_within(
+            settings.pending_loss_grace_s):
+        return TooEarly(
+            f"The payment_intent '{intent_id}' is not known yet: it may have been accepted and "
+            "not applied; retry after a moment.",
+            headers={"Retry-After": RETRY_AFTER_S, "Stripe-Should-Retry": "true"})
+    return no_such_intent(intent_id)
+
+
 def no_such_intent(intent_id: str) -> ResourceMissing:
     return ResourceMissing(f"No such payment_intent: '{intent_id[:64]}'", param="intent")
 
@@ -140,7 +156,7 @@ async def confirm_intent(request: web.Request) -> web.Response:
             return replay
         current, _, _ = await current_view(request, intent_id)
         if current is None:
-            raise no_such_intent(intent_id)
+            raise await unknown_intent(request, intent_id)
         status = next_status(Action.CONFIRM, IntentStatus(current["status"]))
         payment_method = values["payment_method"] or current["payment_method"]
         if payment_method is None:
@@ -178,7 +194,7 @@ async def retrieve_intent(request: web.Request) -> web.Response:
             return json_response(current)
         if current is not None:
             raise too_early("payment_intent")
-        raise no_such_intent(intent_id)
+        raise await unknown_intent(request, intent_id)
 
 
 @routes.get("/v1/payment_intents/{id}/charge")
@@ -189,7 +205,7 @@ async def retrieve_charge(request: web.Request) -> web.Response:
     with bound(intent=intent_id):
         _, row, unapplied = await current_view(request, intent_id)
         if row is None and not unapplied:
-            raise no_such_intent(intent_id)
+            raise await unknown_intent(request, intent_id)
         if unapplied or row["status"] == IntentStatus.PROCESSING:
             raise too_early("charge of this payment_intent")
         if row["latest_charge"] is None:

@@ -57,6 +57,10 @@ class Settings:
     # Each edge process renews a liveness key this often (a quarter of it) with this expiry; a
     # key in flight on an edge whose liveness key expired is taken over by the next retry.
     edge_heartbeat_s: float = 2.0
+    # After Redis lost its data (and with it the markers of commands accepted but not yet
+    # applied), an unknown intent reads as 425 "not ready, retry" instead of 404 for this long:
+    # long enough for the processor to apply what was queued before the loss.
+    pending_loss_grace_s: float = 300.0
     # How long the 425 marker of an accepted create lives; the processor applies it long before.
     pending_ttl_s: int = 24 * 3600
     max_body_bytes: int = 64 * 1024
@@ -111,7 +115,7 @@ class Settings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be at least 1")
         for name in ("db_timeout_s", "publish_timeout_s", "request_timeout_s",
-                     "edge_heartbeat_s", "psp_timeout_s", "psp_lease_s",
+                     "edge_heartbeat_s", "pending_loss_grace_s", "psp_timeout_s", "psp_lease_s",
                      "psp_report_timeout_s", "sweep_interval_s"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be more than 0")

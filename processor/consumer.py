@@ -47,6 +47,9 @@ MAX_FAILURES = 3
 # command ran alone) before it is dead-lettered as poison. More than one, so that a processor
 # killed from outside at an unlucky moment does not condemn the command it was applying.
 POISON_STARTS = 3
+# An ack or reject that takes longer is given up: the broker redelivers the message (its
+# channel is gone) and the inbox dedupes it.
+SETTLE_TIMEOUT_S = 5.0
 # Backoff for retries in place: a dependency that is down is asked again at most this often.
 RETRY_MAX_S = 5.0
 
@@ -297,10 +300,13 @@ class PartitionConsumer:
     async def _settle(self, message: aio_pika.abc.AbstractIncomingMessage, *,
                       dead_letter: bool = False) -> None:
         try:
-            if dead_letter:
-                await message.reject(requeue=False)
-            else:
-                await message.ack()
+            # An ack on a connection that dies under it may wait forever for its frame to be
+            # written, and hold up every later command of the intent.
+            async with asyncio.timeout(SETTLE_TIMEOUT_S):
+                if dead_letter:
+                    await message.reject(requeue=False)
+                else:
+                    await message.ack()
         except Exception as exc:
             # The channel closed under us: the message is redelivered and deduped by the inbox.
             log.warning("could not settle message", extra={"ids": {"error": repr(exc)}})

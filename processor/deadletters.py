@@ -73,13 +73,17 @@ class DeadLetterWatcher:
             log.warning("could not clear the marker of a dead-lettered command",
                         extra={"ids": {"message_id": message.message_id, "error": repr(exc)}})
             await asyncio.sleep(CHECK_S)
-            await message.nack(requeue=True)
+            async with asyncio.timeout(CHECK_S * 5):
+                await message.nack(requeue=True)
             return
         metrics.DEAD_LETTERS.labels(reason).inc()
         log.error("command dead-lettered; it waits for `payonce dead replay`", extra={"ids": {
             "message_id": message.message_id, "reason": reason,
             "intent": headers.get("intent_id"), "account": headers.get("account_id")}})
-        await message.ack()
+        # Bounded: an ack on a dying connection may never complete (it comes back, and is
+        # counted twice; clearing a marker twice is harmless).
+        async with asyncio.timeout(CHECK_S * 5):
+            await message.ack()
 
 
 def _text(value: Any) -> Any:

@@ -365,3 +365,23 @@ async def test_answers_are_kept_24_hours(api: Client, shared: Stack) -> None:
     await shared.redis.delete(redis_key(api, key))
     assert (await api.post(CREATE, {"amount": "1000", "currency": "usd"}, key=key)).status == 202
     assert 24 * 3600 - 60 <= await shared.redis.ttl(redis_key(api, key)) <= 24 * 3600
+
+
+async def test_after_redis_lost_its_data_unknown_intents_are_not_ready(
+    migrated: None
+) -> None:
+    """Redis lost the markers of creates accepted and not applied yet: an intent nobody knows
+    may be one of them, so for a while it is "not ready, retry", never "does not exist"."""
+    async with stack(processor=False) as s:
+        api = await s.client()
+        unknown = f"/v1/payment_intents/pi_{'Z' * 24}"
+        assert (await api.get(unknown)).status == 404
+        # What FLUSHALL or a restart without persistence does to the deployment's epoch.
+        await s.redis.delete(f"epoch:{s.settings.amqp_prefix}")
+        read = await api.get(unknown)
+        assert read.status == 425 and read.headers["Retry-After"]
+        confirm = await api.post(f"{unknown}/confirm", {"payment_method": "pm_card_visa"})
+        assert confirm.status == 425 and confirm.headers["Stripe-Should-Retry"] == "true"
+        assert (await api.get(f"{unknown}/charge")).status == 425
+        # Ids that contracts/ids.py cannot have made are still plain 404s.
+        assert (await api.get("/v1/payment_intents/pi_short")).status == 404
