@@ -139,3 +139,9 @@ class ServiceUnavailable(PayonceError):
     status = 503
     type = "api_error"
     default_code = "service_unavailable"
+
+
+class OutcomeUnknown(ServiceUnavailable):
+    """A command was not confirmed but may have been queued: retry with the same key (503)."""
+
+    default_code = "outcome_unknown"

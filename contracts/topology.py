@@ -105,23 +105,21 @@ async def declare_events(channel: aio_pika.abc.AbstractChannel, topology: Topolo
 async def _declare_partition(
     channel: aio_pika.abc.AbstractChannel, topology: Topology, partition: int
 ) -> aio_pika.abc.AbstractQueue:
-    """A partition queue, replaced when it is empty and was declared with older arguments
-    (a queue's arguments cannot change in place); a non-empty one is left for an operator."""
+    """A partition queue, or TopologyMismatch when it exists with other arguments (a queue's
+    arguments cannot change in place, and replacing it while an edge may publish to it could
+    lose a command)."""
     name = topology.queue(partition)
     try:
         return await channel.declare_queue(
             name, durable=True, arguments=topology.queue_arguments())
-    except aio_pika.exceptions.ChannelPreconditionFailed:
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
         await channel.reopen()
-    existing = await channel.declare_queue(name, passive=True)
-    held = existing.declaration_result.message_count
-    if held:
+        existing = await channel.declare_queue(name, passive=True)
+        held = existing.declaration_result.message_count or 0
         raise TopologyMismatch(
-            f"queue {name} was declared with other arguments and holds {held} command(s): "
-            "stop every edge, let a processor of the previous version drain it, delete it, "
-            "and start again")
-    await channel.queue_delete(name, if_empty=True)
-    return await channel.declare_queue(name, durable=True, arguments=topology.queue_arguments())
+            f"queue {name} exists with other arguments than {topology.queue_arguments()} and "
+            f"holds {held} command(s) ({exc}). Stop every edge, let a processor drain it, "
+            f"delete it (rabbitmqctl delete_queue {name}) and start again.") from None
 
 
 async def delete(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
@@ -135,7 +133,7 @@ async def delete(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> N
 
 
 class TopologyMismatch(Exception):
-    """A queue exists with arguments payonce cannot use, and replacing it would lose messages."""
+    """A queue exists with arguments payonce cannot use; only an operator can replace it."""
 
 
 class PublishFailed(Exception):

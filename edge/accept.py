@@ -24,7 +24,12 @@ from redis.exceptions import RedisError
 
 from contracts import objects
 from contracts.commands import ClientCommand
-from contracts.errors import IdempotencyKeyInUse, IdempotencyMismatch, ServiceUnavailable
+from contracts.errors import (
+    IdempotencyKeyInUse,
+    IdempotencyMismatch,
+    OutcomeUnknown,
+    ServiceUnavailable,
+)
 from contracts.topology import PublishFailed
 from edge import metrics
 from edge.idempotency import Claim, IdempotencyStore, mismatch
@@ -139,12 +144,6 @@ async def _park(store: IdempotencyStore, claimed: Claim, fp: str) -> None:
         # The lock still names this request and expires by itself; a retry then runs again.
         log.warning("could not keep the fingerprint of a key whose outcome is unknown")
     metrics.IDEMPOTENCY.labels("unknown").inc()
-
-
-class OutcomeUnknown(ServiceUnavailable):
-    """A publish was not confirmed but may have been queued: retry with the same key (503)."""
-
-    default_code = "outcome_unknown"
 
 
 def outcome_unknown(exc: BaseException) -> OutcomeUnknown:

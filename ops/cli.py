@@ -17,6 +17,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from contracts.topology import TopologyMismatch
 from edge.app import create_app
 from ops import logs
 from ops.accounts import create_account
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"payonce: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, asyncpg.PostgresError, aio_pika.exceptions.AMQPError) as exc:
+    except (OSError, asyncpg.PostgresError, aio_pika.exceptions.AMQPError,
+            TopologyMismatch) as exc:
         print(f"payonce: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from contracts import ids
 from contracts.commands import client_message_id
-from contracts.topology import Topology
+from contracts.topology import Topology, TopologyMismatch, declare, delete
 from ops.loops import Loop
 from ops.postgres import is_transient
 from ops.settings import Settings
@@ -309,3 +309,23 @@ async def test_loop_survives_any_exception_and_reports_liveness() -> None:
 ])
 def test_database_errors_are_classified_by_sqlstate(exc: BaseException, transient: bool) -> None:
     assert is_transient(exc) is transient
+
+
+async def test_partition_queue_declared_with_old_arguments_is_named(migrated: None) -> None:
+    """A deployment whose partition queues still have the old, low delivery limit: payonce
+    does not start on them, and says what to do (replacing them itself could lose a command
+    an edge publishes meanwhile)."""
+    settings = make_settings(partitions=2)
+    topology = Topology(settings.amqp_prefix, settings.partitions)
+    old = {**topology.queue_arguments(), "x-delivery-limit": 5}
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            held = await channel.declare_queue(topology.queue(1), durable=True, arguments=old)
+            await channel.default_exchange.publish(aio_pika.Message(b"{}"), held.name)
+            with pytest.raises(TopologyMismatch,
+                               match=r"holds 1 command.*rabbitmqctl delete_queue"):
+                await declare(channel, topology)
+        finally:
+            await delete(await connection.channel(), topology)
