@@ -55,13 +55,14 @@ async def _keep(conn: Any) -> None:
 class Database:
     """An asyncpg pool with a bound on every wait: statements, connects and acquires."""
 
-    def __init__(self, pool: Any, timeout_s: float) -> None:
+    def __init__(self, pool: Any, timeout_s: float, acquire_timeout_s: float) -> None:
         self.pool = pool
         self.timeout_s = timeout_s
+        self.acquire_timeout_s = acquire_timeout_s
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[Any]:
-        async with self.pool.acquire(timeout=self.timeout_s) as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             yield conn
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
@@ -90,12 +91,15 @@ class Database:
 
 
 async def create_pool(
-    url: str, *, timeout_s: float, min_size: int = 2, max_size: int = 10
+    url: str, *, timeout_s: float, acquire_timeout_s: float | None = None, min_size: int = 2,
+    max_size: int = 10,
 ) -> Database:
+    """A pool whose statements and connects give up after `timeout_s`, and whose callers
+    wait at most `acquire_timeout_s` (default: `timeout_s`) for a free connection."""
     pool = await asyncpg.create_pool(
         url, min_size=min_size, max_size=max_size, init=_init, reset=_keep,
         command_timeout=timeout_s, timeout=timeout_s)
-    return Database(pool, timeout_s)
+    return Database(pool, timeout_s, timeout_s if acquire_timeout_s is None else acquire_timeout_s)
 
 
 async def connect(url: str, *, timeout_s: float) -> Any:

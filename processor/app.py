@@ -35,6 +35,7 @@ OLDEST_UNPUBLISHED = """
 SELECT extract(epoch FROM now() - created) FROM events
 WHERE exchange = $1 AND published_at IS NULL ORDER BY seq LIMIT 1
 """
+QUEUE_FOR_CONNECTION_S = 60.0
 # Far longer than any PSP call with its retries, far shorter than a person would wait.
 STUCK_AFTER_S = 300
 STUCK_INTENTS = """
@@ -56,12 +57,16 @@ class Processor:
         s = self.settings
         topology = Topology(s.amqp_prefix, s.partitions)
         self._topology = topology
+        # Hundreds of commands and PSP attempts share these connections: waiting in line for
+        # one is the processor's backpressure, not a fault, so it gets far longer than a
+        # statement (which the database timeout still bounds, so the line always moves).
+        acquire_s = QUEUE_FOR_CONNECTION_S
         pool = await create_pool(s.database_url, timeout_s=s.db_timeout_s,
-                                 min_size=2, max_size=20)
+                                 acquire_timeout_s=acquire_s, min_size=2, max_size=20)
         self._closers.append(pool.close)
         # The simulated PSP keeps its books with a pool of its own, as a separate system would.
         psp_pool = await create_pool(s.database_url, timeout_s=s.db_timeout_s,
-                                     min_size=1, max_size=10)
+                                     acquire_timeout_s=acquire_s, min_size=1, max_size=10)
         self._closers.append(psp_pool.close)
         redis = redis_client(s)
         self._closers.append(redis.aclose)

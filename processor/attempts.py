@@ -19,6 +19,7 @@ in memory up to a bound, and past it are left to the sweeper, which finds them i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -149,6 +150,10 @@ class AttemptRunner:
             log.warning("attempt interrupted; the sweeper resumes it",
                         extra={"ids": {"attempt": attempt_id, "error": repr(exc)}},
                         exc_info=not transient)
+            # No PSP call of ours is under way any more: give the lease back, so the next
+            # sweep resumes the attempt instead of waiting for the lease to run out.
+            with contextlib.suppress(Exception):
+                await self._pool.execute(RELEASE, attempt_id)
 
     async def _settle(self, attempt: Any) -> None:
         attempt_id = attempt["id"]
