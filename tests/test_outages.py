@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import aio_pika
+import pytest
+from redis.exceptions import RedisError
 
 from contracts import ids
-from contracts.topology import Topology, declare
+from contracts.pending import PendingCommands
+from contracts.topology import CommandPublisher, PublishFailed, Topology, declare
 from tests.conftest import make_settings, stack
 
 VALID = {"amount": "1000", "currency": "usd", "payment_method": "pm_card_visa",
@@ -67,3 +71,38 @@ async def test_lost_exchange_is_503_then_recovers(migrated: None) -> None:
         assert done["amount_received"] == 1000
         assert await api.db.fetchval(
             "SELECT count(*) FROM payment_intents WHERE account_id = $1", api.account_id) == 1
+
+
+async def test_marker_left_by_a_failed_removal_lapses(
+    migrated: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish refused, and Redis failing just when its marker is to be removed: the marker
+    lapses at the end of that request's time, and the intent never reads as accepted."""
+    settings = make_settings(publish_timeout_s=1.0, db_timeout_s=1.0, request_timeout_s=3.0,
+                             idempotency_lock_ms=4000)
+    async with stack(settings) as s:
+        api = await s.client()
+        created = await api.create(amount=1000, currency="usd", payment_method="pm_card_visa")
+        intent_id = created.body["id"]
+        path = f"/v1/payment_intents/{intent_id}"
+        await api.wait_for(intent_id, ["requires_confirmation"])
+
+        async def refused(self: CommandPublisher, command: Any, **kw: Any) -> None:
+            raise PublishFailed("refused by RabbitMQ", maybe_queued=False)
+
+        async def failing(self: PendingCommands, *args: Any) -> None:
+            raise RedisError("connection reset")
+
+        monkeypatch.setattr(CommandPublisher, "publish", refused)
+        monkeypatch.setattr(PendingCommands, "remove", failing)
+        reply = await api.post(f"{path}/confirm")
+        assert reply.status == 503 and reply.error["code"] == "service_unavailable"
+        monkeypatch.undo()
+        assert await s.redis.hlen(f"pending:{api.account_id}:{intent_id}") == 1
+        async with asyncio.timeout(20):
+            while (await api.get(path)).body["status"] == "processing":
+                await asyncio.sleep(0.1)
+        assert (await api.get(path)).body["status"] == "requires_confirmation"
+        again = await api.post(f"{path}/confirm")
+        assert again.status == 202, again.body
+        assert (await api.wait_for(intent_id))["status"] == "succeeded"
