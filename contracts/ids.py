@@ -8,6 +8,7 @@ checked by recomputing it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -51,6 +52,21 @@ def charge_id(secret: bytes, attempt_id: str) -> str:
 
 def event_id(secret: bytes, object_id: str, event_type: str, cause: str) -> str:
     return derive(secret, "evt", object_id, event_type, cause)
+
+
+def webhook_endpoint_id(secret: bytes, account_id: str, idempotency_key: str) -> str:
+    return derive(secret, "we", account_id, idempotency_key)
+
+
+def webhook_delivery_id(secret: bytes, endpoint_id: str, event_id: str) -> str:
+    return derive(secret, "whd", endpoint_id, event_id)
+
+
+def webhook_secret(secret: bytes, endpoint_id: str) -> str:
+    """`whsec_` and the base64 of 32 bytes: Stripe's scheme signs with the whole string, and
+    Standard Webhooks with the bytes decoded after the prefix; both accept it."""
+    key = hmac.new(secret, f"whsec\x1f{endpoint_id}".encode(), hashlib.sha256).digest()
+    return f"whsec_{base64.b64encode(key).decode()}"
 
 
 def client_secret(secret: bytes, intent_id: str) -> str:

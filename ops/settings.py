@@ -84,6 +84,22 @@ class Settings:
     # dead-lettered, or lost with a broker's data) is published again; applying it is
     # idempotent. Far longer than a partition takes to apply a result under load.
     psp_report_timeout_s: float = 60.0
+    # Webhooks (processor/webhooks.py). Endpoints on private, loopback, link-local, multicast
+    # or reserved addresses are refused unless this is on (local development and tests).
+    webhook_allow_private: bool = False
+    # One delivery attempt gives up after this: a receiver that hangs is a failed attempt.
+    webhook_timeout_s: float = 10.0
+    # Seconds from one failed attempt to the next (with jitter); after the last one the
+    # delivery is failed. Standard Webhooks' schedule, roughly: 5 s, 5 min, 30 min, 2 h, 5 h,
+    # 10 h, 24 h.
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,86400"
+    # Deliveries under way at once per dispatcher, and per endpoint: one slow endpoint holds at
+    # most its own share.
+    webhook_concurrency: int = 256
+    webhook_endpoint_concurrency: int = 8
+    # An endpoint whose every attempt failed for this long is disabled, with an event.
+    webhook_disable_after_s: float = 3 * 24 * 3600
+    dispatcher_metrics_port: int = 9102
     # How often the sweeper looks for attempts and events that a crash left behind.
     sweep_interval_s: float = 1.0
     shutdown_grace_s: float = 20.0
@@ -140,11 +156,28 @@ class Settings:
                 f"+ {MIN_PSP_PAUSE_S} s ({self.psp_timeout_s + MIN_PSP_PAUSE_S}): a lease covers "
                 "one PSP call and the pause before the next try, or a live processor loses an "
                 "attempt it is working on")
+        try:
+            schedule = self.webhook_retry_schedule_s
+        except ValueError:
+            schedule = ()
+        if not schedule or any(p < 0 for p in schedule):
+            raise SettingsError("PAYONCE_WEBHOOK_RETRY_SCHEDULE must be seconds between "
+                                "attempts, comma-separated (e.g. 5,300,1800)")
+        for name in ("webhook_concurrency", "webhook_endpoint_concurrency"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"PAYONCE_{name.upper()} must be at least 1")
+        if not self.webhook_timeout_s > 0:
+            raise SettingsError("PAYONCE_WEBHOOK_TIMEOUT_S must be more than 0")
         if self.psp_report_timeout_s <= self.psp_lease_s:
             raise SettingsError(
                 f"PAYONCE_PSP_REPORT_TIMEOUT_S ({self.psp_report_timeout_s}) must exceed "
                 f"PAYONCE_PSP_LEASE_S ({self.psp_lease_s})")
         return self
+
+    @property
+    def webhook_retry_schedule_s(self) -> tuple[float, ...]:
+        """The pauses between delivery attempts, in seconds."""
+        return tuple(float(p) for p in self.webhook_retry_schedule.split(","))
 
     @property
     def psp_max_pause_s(self) -> float:
