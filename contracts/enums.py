@@ -28,3 +28,4 @@ class EventType(StrEnum):
     INTENT_PAYMENT_FAILED = "payment_intent.payment_failed"
     CHARGE_SUCCEEDED = "charge.succeeded"
     CHARGE_FAILED = "charge.failed"
+    WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint.disabled"

@@ -246,7 +246,8 @@ def payment_error(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in error.items() if v is not None}
 
 
-def event(row: Mapping[str, Any]) -> dict[str, Any]:
+def event(row: Mapping[str, Any], *, pending_webhooks: int = 0) -> dict[str, Any]:
+    """An event row as Stripe's Event; `pending_webhooks` counts its deliveries not finished."""
     return {
         "id": row["id"],
         "object": "event",
@@ -259,7 +260,25 @@ def event(row: Mapping[str, Any]) -> dict[str, Any]:
                if row.get("previous_attributes") else {}),
         },
         "livemode": False,
-        "pending_webhooks": 0,
+        "pending_webhooks": pending_webhooks,
         "request": {"id": row.get("request_id"), "idempotency_key": row.get("idempotency_key")},
         "type": row["type"],
+    }
+
+
+def webhook_endpoint(row: Mapping[str, Any], *, secret: str | None = None) -> dict[str, Any]:
+    """Stripe's WebhookEndpoint; `secret` only in the answer to its creation, as Stripe does."""
+    return {
+        "id": row["id"],
+        "object": "webhook_endpoint",
+        "api_version": API_VERSION,
+        "application": None,
+        "created": unix(row["created"]),
+        "description": row.get("description"),
+        "enabled_events": list(row["enabled_events"]),
+        "livemode": False,
+        "metadata": dict(row.get("metadata") or {}),
+        **({"secret": secret} if secret is not None else {}),
+        "status": row["status"],
+        "url": row["url"],
     }

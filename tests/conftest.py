@@ -60,6 +60,8 @@ def make_settings(**overrides: Any) -> Settings:
         "psp_lease_s": 5.0,
         "sweep_interval_s": 0.2,
         "shutdown_grace_s": 10.0,
+        # Tests deliver webhooks to receivers on 127.0.0.1.
+        "webhook_allow_private": True,
         **overrides,
     })
 
