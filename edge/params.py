@@ -14,7 +14,7 @@ the command's encoding or Postgres rather than here with a 400.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 import orjson
 from aiohttp import web
 
-from contracts import currencies
+from contracts import currencies, webhooks
 from contracts.errors import (
     InvalidRequest,
     ParameterInvalid,
@@ -31,6 +31,7 @@ from contracts.errors import (
     PayloadTooLarge,
     UnexpectedState,
 )
+from contracts.webhook_urls import WebhookURLError, check_url
 
 MAX_AMOUNT = 99_999_999
 METADATA_MAX_KEYS = 50
@@ -45,22 +46,34 @@ _PAYMENT_METHOD = re.compile(r"pm_[0-9A-Za-z_]{1,200}")
 _NUL_MESSAGE = "Invalid {}: text parameters cannot contain the NUL character."
 
 
-def parse_form(body: str) -> dict[str, Any]:
+def parse_form(body: str, lists: Collection[str] = (), what: str = "request body"
+               ) -> dict[str, Any]:
     """`a[b][c]=v` into {"a": {"b": {"c": "v"}}}, `a[0]=x` into {"a": {"0": "x"}}.
+
+    `a[]=x&a[]=y` into {"a": ["x", "y"]}, for the list parameters named in `lists` only: it is
+    how curl users send lists, as Stripe's own examples do. Anywhere else empty brackets are
+    an error, so a hash such as metadata never turns into a list by accident.
 
     Percent-escapes must decode as UTF-8: `%ff`, or a surrogate encoded as bytes, is refused."""
     try:
         pairs = parse_qsl(body, keep_blank_values=True, strict_parsing=bool(body), errors="strict")
     except UnicodeDecodeError:
-        raise InvalidRequest("The request body has percent-escapes that are not valid UTF-8.") \
+        raise InvalidRequest(f"The {what} has percent-escapes that are not valid UTF-8.") \
             from None
     except ValueError:
-        raise InvalidRequest("The request body is not valid form encoding.") from None
+        raise InvalidRequest(f"The {what} is not valid form encoding.") from None
     root: dict[str, Any] = {}
     for name, value in pairs:
         match = _KEY.match(name)
         if match is None:
             raise InvalidRequest(f"Invalid parameter name: {name}.", param=name)
+        if match[2] == "[]" and match[1] in lists:
+            items = root.setdefault(match[1], [])
+            if not isinstance(items, list):
+                raise InvalidRequest(f"Invalid array: {name} mixed with {match[1]} in another "
+                                     "form.", param=name)
+            items.append(value)
+            continue
         path = [match[1], *re.findall(r"\[([^\[\]]*)\]", match[2])]
         node = root
         for depth, part in enumerate(path):
@@ -92,7 +105,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return data
 
 
-async def read_params(request: web.Request) -> dict[str, Any]:
+async def read_params(request: web.Request, lists: Collection[str] = ()) -> dict[str, Any]:
+    """The request body's parameters; `lists` as in `parse_form`."""
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -118,7 +132,13 @@ async def read_params(request: web.Request) -> dict[str, Any]:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8.") from None
-    return parse_form(text)
+    return parse_form(text, lists)
+
+
+def read_query(request: web.Request, lists: Collection[str] = ()) -> dict[str, Any]:
+    """A GET's parameters, from its query string in the same encoding as a form body (Stripe's
+    libraries send `created[gte]=…` and `types[0]=…` there)."""
+    return parse_form(request.rel_url.raw_query_string, lists, what="query string")
 
 
 # ---- field validators: (raw value, param name) -> canonical value --------------------------
@@ -260,6 +280,82 @@ def metadata(value: Any, param: str) -> dict[str, str]:
     return result
 
 
+def metadata_changes(value: Any, param: str) -> dict[str, Any]:
+    """Metadata to merge into an object's, as Stripe's updates do: `{"set": {…}, "unset": […],
+    "clear": bool}`. A key sent with an empty value is removed, an empty `metadata` removes
+    every key, and the keys not named are kept."""
+    if value == "":
+        return {"set": {}, "unset": [], "clear": True}
+    kept = metadata(value, param)
+    # metadata() has checked every value; the empty ones are the keys to remove.
+    unset = sorted(key for key, item in value.items() if str(item) == "")
+    return {"set": kept, "unset": unset, "clear": False}
+
+
+def bounded_integer(low: int, high: int) -> Callable[[Any, str], int]:
+    def check(value: Any, param: str) -> int:
+        number = _integer(value, param)
+        if not low <= number <= high:
+            raise ParameterInvalid(f"Invalid {param}: it must be an integer from {low} to "
+                                   f"{high}, not {str(number)[:30]}.",
+                                   code="parameter_invalid_integer", param=param)
+        return number
+
+    return check
+
+
+RANGE_BOUNDS = ("gt", "gte", "lt", "lte")
+
+
+def timestamp_range(value: Any, param: str) -> dict[str, int]:
+    """A filter on a timestamp (unix seconds), as Stripe takes it: `created=1700000000` for that
+    second, or any of `created[gt]`, `[gte]`, `[lt]`, `[lte]`. Canonical form: a hash of the
+    bounds given, `{"eq": n}` for a plain integer."""
+    if not isinstance(value, dict):
+        return {"eq": _integer(value, param)}
+    for bound in value:
+        if bound not in RANGE_BOUNDS:
+            raise ParameterUnknown(f"Received unknown parameter: {param}[{bound}]; use "
+                                   f"{', '.join(f'{param}[{b}]' for b in RANGE_BOUNDS)}.",
+                                   param=f"{param}[{bound}]")
+    return {bound: _integer(item, f"{param}[{bound}]") for bound, item in value.items()
+            if item != ""}
+
+
+# Event types are short (`payment_intent.payment_failed`); the limit keeps messages short too.
+_EVENT_TYPE = string(100)
+
+
+def enabled_events(value: Any, param: str) -> list[str]:
+    """A webhook endpoint's event types: `*` for all, or types payonce emits; every unknown one
+    is named in the error. Duplicates are dropped, the order kept."""
+    # 256: what the webhook_endpoints table allows (ops/migrations/0005_webhooks.sql).
+    types = list_of(_EVENT_TYPE, 256)(value, param)
+    if not types:
+        raise ParameterInvalid(f"Invalid {param}: name at least one event type, or '*' for all "
+                               "of them.", param=param)
+    unknown = webhooks.unknown_types(types)
+    if unknown:
+        named = ", ".join(repr(t) for t in unknown[:10]) + (", …" if len(unknown) > 10 else "")
+        raise ParameterInvalid(
+            f"Invalid {param}: unknown event type{'s' if len(unknown) > 1 else ''} {named}. "
+            f"Use '{webhooks.ALL_EVENTS}' or any of: "
+            f"{', '.join(sorted(webhooks.SUBSCRIBABLE))}.", param=param)
+    return list(dict.fromkeys(types))
+
+
+def webhook_url(value: Any, param: str) -> str:
+    """A well-formed http(s) URL. Where it may point (public addresses only, unless settings
+    allow private ones) needs DNS and is checked when the endpoint is written."""
+    if not isinstance(value, str):
+        raise ParameterInvalid(f"Invalid string: {param} must be a string.", param=param)
+    try:
+        check_url(value)
+    except WebhookURLError as exc:
+        raise ParameterInvalid(str(exc), code="url_invalid", param=param) from None
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Field:
     check: Callable[[Any, str], Any]
@@ -277,7 +373,7 @@ def validate(raw: Mapping[str, Any], spec: Mapping[str, Field]) -> dict[str, Any
     result: dict[str, Any] = {}
     for name, field in spec.items():
         value = raw.get(name)
-        if value is None or (value == "" and field.check is not metadata):
+        if value is None or (value == "" and field.check not in _EMPTY_IS_A_VALUE):
             if field.required:
                 raise ParameterMissing(f"Missing required param: {name}.", param=name)
             result[name] = None
@@ -285,6 +381,9 @@ def validate(raw: Mapping[str, Any], spec: Mapping[str, Field]) -> dict[str, Any
         result[name] = field.check(value, name)
     return result
 
+
+# Where an empty string is a value rather than "not given": it removes every key.
+_EMPTY_IS_A_VALUE = (metadata, metadata_changes)
 
 CREATE_INTENT = {
     "amount": Field(amount, required=True),
@@ -312,3 +411,41 @@ def create_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 def confirm_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
     return validate(raw, CONFIRM_INTENT)
+
+
+CREATE_WEBHOOK_ENDPOINT = {
+    "url": Field(webhook_url, required=True),
+    "enabled_events": Field(enabled_events, required=True),
+    # 5000: the webhook_endpoints table's limit, as Stripe's.
+    "description": Field(string(5000)),
+    "metadata": Field(metadata),
+}
+
+UPDATE_WEBHOOK_ENDPOINT = {
+    "url": Field(webhook_url),
+    "enabled_events": Field(enabled_events),
+    "description": Field(string(5000)),
+    "metadata": Field(metadata_changes),
+    "disabled": Field(boolean),
+}
+
+# Parameters that take `name[]=…` in a form (see parse_form).
+WEBHOOK_ENDPOINT_LISTS = ("enabled_events",)
+
+
+def create_webhook_endpoint(raw: Mapping[str, Any]) -> dict[str, Any]:
+    params = validate(raw, CREATE_WEBHOOK_ENDPOINT)
+    params["metadata"] = params["metadata"] or {}
+    return params
+
+
+def update_webhook_endpoint(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The changes only: a parameter not sent is left as it is, so the result holds just the
+    parameters given. An empty description removes it; url and enabled_events cannot be
+    removed, and an empty `disabled` changes nothing."""
+    params = validate(raw, UPDATE_WEBHOOK_ENDPOINT)
+    for name in ("url", "enabled_events"):
+        if raw.get(name) == "":
+            raise ParameterInvalid(f"Invalid {name}: it cannot be empty.", param=name)
+    return {name: value for name, value in params.items()
+            if name in raw and (value is not None or name == "description")}
