@@ -282,3 +282,31 @@ def webhook_endpoint(row: Mapping[str, Any], *, secret: str | None = None) -> di
         "status": row["status"],
         "url": row["url"],
     }
+
+
+def deleted(object_name: str, object_id: str) -> dict[str, Any]:
+    """What Stripe answers to a DELETE."""
+    return {"id": object_id, "object": object_name, "deleted": True}
+
+
+def webhook_delivery_attempt(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One attempt to deliver an event to a webhook endpoint: a webhook_attempts row joined
+    with its delivery. payonce's own object (Stripe shows attempts in its Dashboard only); its
+    id is the delivery's and the attempt's number. `state` is the delivery's now: pending (the
+    next attempt is due at the latest attempt's `next_attempt_at`), succeeded or failed."""
+    next_attempt_at = row.get("next_attempt_at")
+    return {
+        "id": f"{row['delivery_id']}_{row['attempt']}",
+        "object": "webhook_delivery_attempt",
+        "attempt": row["attempt"],
+        "created": unix(row["created"]),
+        "delivery": row["delivery_id"],
+        "error": row.get("error"),
+        "event": row["event_id"],
+        "latency_ms": row["latency_ms"],
+        "livemode": False,
+        "next_attempt_at": None if next_attempt_at is None else unix(next_attempt_at),
+        "state": row["state"],
+        "status_code": row.get("status_code"),
+        "webhook_endpoint": row["endpoint_id"],
+    }
