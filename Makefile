@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv services run test lint bench stop-services clean
+.PHONY: help venv services tools run test lint bench stop-services clean
 
 help:
 	@echo 'make run            services + edge (:8080) and processor in the foreground (Ctrl-C stops)'
@@ -48,8 +48,12 @@ services:
 run: venv services
 	exec $(VENV)/bin/payonce dev
 
-test: venv services
+test: venv services tools
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Prometheus' promtool checks the alert rules, and its server scrapes a real stack in a test.
+tools:
+	@bash ops/services.sh tools prometheus
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy

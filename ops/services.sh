@@ -6,11 +6,13 @@
 # Servers that already answer are used as they are, never restarted or reconfigured.
 # PAYONCE_SERVICES_VIA=packages uses the OS packages even when a Docker engine runs: the
 # fault-injection tests (tests/private.py) signal the servers' own processes.
-# PAYONCE_RABBITMQ_MANAGEMENT=0 starts RabbitMQ without its management UI (on by default).
+# PAYONCE_RABBITMQ_MANAGEMENT=0 starts RabbitMQ without its management UI and Prometheus
+# endpoint (on by default; a running local broker gets both enabled online when root).
 #
 #   bash ops/services.sh                    # bring up / check all three
 #   bash ops/services.sh up redis           # only the named ones (postgres, redis, rabbitmq)
 #   bash ops/services.sh stop [SERVICE...]  # stop only what this script started from .data/ or docker
+#   bash ops/services.sh tools prometheus   # install tools some tests need (promtool, prometheus)
 #   bash ops/services.sh rabbitmqctl ARGS   # rabbitmqctl (or rabbitmq-diagnostics) against the
 #                                           # node this script starts for PAYONCE_AMQP_URL
 #
@@ -209,7 +211,7 @@ start_redis() {
 
 start_rabbitmq() {
   local base=$DATA/rabbitmq logs=$DATA/log/rabbitmq node
-  local dist=$((AMQP_PORT + 20000)) mgmt=15672 server ports
+  local dist=$((AMQP_PORT + 20000)) mgmt=15672 prom=15692 server ports
   ((dist <= 65535)) || dist=$((AMQP_PORT - 10000))
   node=$(rabbitmq_node)
   server=$(rabbitmq_bin rabbitmq-server) || die "rabbitmq-server not found"
@@ -225,11 +227,16 @@ start_rabbitmq() {
     while tcp_up 127.0.0.1 "$mgmt"; do # another broker's management UI may hold 15672
       ((++mgmt < 15772)) || die "no free port for the RabbitMQ management UI in 15672-15771"
     done
-    printf '[rabbitmq_management].\n' >"$base/enabled_plugins"
+    while tcp_up 127.0.0.1 "$prom"; do # and its Prometheus endpoint 15692
+      ((++prom < 15792)) || die "no free port for RabbitMQ's Prometheus endpoint in 15692-15791"
+    done
+    printf '[rabbitmq_management,rabbitmq_prometheus].\n' >"$base/enabled_plugins"
     printf 'management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = %s\n' "$mgmt" >>"$base/rabbitmq.conf"
-    ports="$AMQP_PORT, $dist and $mgmt"
+    printf 'prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = %s\n' "$prom" >>"$base/rabbitmq.conf"
+    ports="$AMQP_PORT, $dist, $mgmt and $prom"
     say "rabbitmq: starting node $node on $(bind_addr "$AMQP_HOST"):$AMQP_PORT," \
-      "management on 127.0.0.1:$mgmt (log $logs/)"
+      "management UI on http://127.0.0.1:$mgmt/ (log in as the AMQP URL's user, $AMQP_USER)," \
+      "Prometheus metrics on 127.0.0.1:$prom (log $logs/)"
   else
     # Without the UI a stop also takes seconds less: the plugin winds its statistics down first.
     printf '[].\n' >"$base/enabled_plugins"
@@ -326,6 +333,57 @@ SQL
   say "postgres: role $PG_USER reaches databases $PG_DB and $PG_TEST_DB"
 }
 
+# A local broker that answers but was not started here: make sure the management UI and the
+# Prometheus endpoint are on, without a restart (rabbitmq-plugins --online), when we may manage
+# it (root, its CLI at hand); otherwise say how, and go on.
+ensure_rabbitmq_plugins() {
+  ((PAYONCE_RABBITMQ_MANAGEMENT)) || return 0
+  is_local "$AMQP_HOST" || return 0
+  alive "$DATA/rabbitmq/rabbitmq.pid" beam.smp && return 0 # ours: started with both
+  local tool enabled
+  # The OS package's wrapper, not the real script: the system's broker runs as the rabbitmq
+  # user, and the wrapper presents that user's Erlang cookie.
+  tool=$(command -v rabbitmq-plugins) || tool=
+  if ! is_root || [[ -z $tool ]]; then
+    say "rabbitmq: to see the management UI and Prometheus metrics, run:" \
+      "sudo rabbitmq-plugins enable --online rabbitmq_management rabbitmq_prometheus"
+    return 0
+  fi
+  if ! enabled=$(timeout 30 "$tool" list -e -m -q 2>/dev/null); then
+    say "rabbitmq: could not ask the running node for its plugins (another node name or" \
+      "Erlang cookie?); enable rabbitmq_management and rabbitmq_prometheus on it by hand"
+    return 0
+  fi
+  if ! grep -qx rabbitmq_management <<<"$enabled" || ! grep -qx rabbitmq_prometheus <<<"$enabled"; then
+    say "rabbitmq: enabling the management UI and Prometheus metrics on the running node"
+    timeout 60 "$tool" enable rabbitmq_management rabbitmq_prometheus >/dev/null ||
+      { say "rabbitmq: enabling the plugins failed; the broker works without them"; return 0; }
+  fi
+  say "rabbitmq: management UI on http://127.0.0.1:15672/ (log in as the AMQP URL's user," \
+    "$AMQP_USER), Prometheus metrics on http://127.0.0.1:15692/metrics"
+}
+
+# Tools some tests need beside the servers: Prometheus (promtool checks the alert rules; the
+# server scrapes a real stack in a test). Installed from the OS packages, as the servers are.
+cmd_tools() {
+  local tool missing=()
+  for tool in "$@"; do
+    case $tool in
+      prometheus) command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus) ;;
+      *) die "unknown tool '$tool' (expected prometheus)" ;;
+    esac
+  done
+  ((${#missing[@]})) || { say "tools: $* present"; return 0; }
+  if ! command -v apt-get >/dev/null || ! is_root; then
+    say "tools: ${missing[*]} missing; the tests that need it are skipped. Install it with:" \
+      "sudo apt-get install -y --no-install-recommends ${missing[*]}"
+    return 0
+  fi
+  say "tools: installing ${missing[*]} (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
 cmd_up() {
   pick_services "$@"
   parse_urls
@@ -353,6 +411,7 @@ cmd_up() {
       for svc in "${missing[@]}"; do "start_$svc"; done
     fi
   fi
+  if picked rabbitmq; then ensure_rabbitmq_plugins; fi
   if picked postgres; then
     if is_local "$PG_HOST" && ! command -v psql >/dev/null && is_root && command -v apt-get >/dev/null; then
       install_packages psql
@@ -424,9 +483,10 @@ main() {
   (($# == 0)) || shift
   case $cmd in
     up) cmd_up "$@" ;;
+    tools) cmd_tools "$@" ;;
     stop) cmd_stop "$@" ;;
     rabbitmqctl | rabbitmq-diagnostics) cmd_rabbitmq_cli "$cmd" "$@" ;;
-    *) die "usage: $0 [up|stop [postgres|redis|rabbitmq...]] | rabbitmqctl|rabbitmq-diagnostics ARGS..." ;;
+    *) die "usage: $0 [up|stop [postgres|redis|rabbitmq...]] | tools prometheus | rabbitmqctl|rabbitmq-diagnostics ARGS..." ;;
   esac
 }
 # One line, read whole before it runs, that ends in exit: bash reads a script as it runs it, and
