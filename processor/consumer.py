@@ -254,6 +254,8 @@ class PartitionConsumer:
                         return None
             else:
                 metrics.APPLY_SECONDS.labels(command.TYPE).observe(time.perf_counter() - started)
+                metrics.SETTLE_LAG.labels(command.TYPE).observe(
+                    max(time.time() - command.accepted_at, 0.0))
                 metrics.COMMANDS.labels(command.TYPE, result.outcome).inc()
                 log.info(f"command {result.outcome}", extra={"ids": {
                     "command": command.TYPE, "detail": result.detail}})

@@ -11,6 +11,11 @@ APPLY_SECONDS = Histogram(
     "payonce_processor_apply_seconds", "Time to apply one command in Postgres", ["command"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+SETTLE_LAG = Histogram(
+    "payonce_processor_command_lag_seconds",
+    "From a command's acceptance at the edge (whole seconds) to its application",
+    ["command"], buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
+)
 TRANSIENT_FAILURES = Counter(
     "payonce_processor_transient_failures_total", "Retried failures of a dependency", ["where"]
 )
