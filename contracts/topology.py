@@ -29,7 +29,29 @@ WEBHOOK_QUEUE_MAX = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
+class Exchange:
+    name: str
+    type: str  # direct, fanout, topic
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    exchange: str
+    queue: str
+    routing_key: str
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
+    """Every exchange, queue and binding of a deployment, as data: `declare` makes them on a
+    broker, `definitions` writes them as a RabbitMQ definitions file, so the two agree."""
+
     prefix: str
     partitions: int
 
@@ -76,60 +98,99 @@ class Topology:
             "x-overflow": "reject-publish",
         }
 
+    def exchanges(self) -> list[Exchange]:
+        return [Exchange(self.dead, "fanout"), Exchange(self.commands, "direct"),
+                Exchange(self.events, "topic")]
+
+    def queues(self) -> list[Queue]:
+        quorum = {"x-queue-type": "quorum"}
+        return [
+            Queue(self.dead, quorum),
+            Queue(self.dead_notices, quorum),
+            *(Queue(self.queue(p), self.queue_arguments()) for p in range(self.partitions)),
+            Queue(self.webhooks, {**quorum, "x-max-length": WEBHOOK_QUEUE_MAX,
+                                  "x-overflow": "reject-publish"}),
+        ]
+
+    def bindings(self) -> list[Binding]:
+        return [
+            Binding(self.dead, self.dead, ""),
+            Binding(self.dead, self.dead_notices, ""),
+            *(Binding(self.commands, self.queue(p), str(p)) for p in range(self.partitions)),
+            Binding(self.events, self.webhooks, "#"),
+        ]
+
+    def definitions(self, vhost: str = "/") -> dict[str, Any]:
+        """The topology as a RabbitMQ definitions file (rabbitmqctl import_definitions, or the
+        management UI's import), for operators who provision brokers ahead of payonce."""
+        return {
+            "vhosts": [{"name": vhost}],
+            "exchanges": [{"name": e.name, "vhost": vhost, "type": e.type, "durable": True,
+                           "auto_delete": False, "internal": False, "arguments": {}}
+                          for e in self.exchanges()],
+            "queues": [{"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False,
+                        "arguments": q.arguments} for q in self.queues()],
+            "bindings": [{"source": b.exchange, "vhost": vhost, "destination": b.queue,
+                          "destination_type": "queue", "routing_key": b.routing_key,
+                          "arguments": {}} for b in self.bindings()],
+            "policies": [],
+        }
+
 
 async def declare(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
-    """Declare every exchange and queue; idempotent, run by each process at start."""
-    kind = aio_pika.ExchangeType
-    dead = await channel.declare_exchange(topology.dead, kind.FANOUT, durable=True)
-    for name in (topology.dead, topology.dead_notices):
-        queue = await channel.declare_queue(
-            name, durable=True, arguments={"x-queue-type": "quorum"})
-        await queue.bind(dead)
-    commands = await channel.declare_exchange(topology.commands, kind.DIRECT, durable=True)
-    for partition in range(topology.partitions):
-        queue = await _declare_partition(channel, topology, partition)
-        await queue.bind(commands, routing_key=str(partition))
-    await declare_events(channel, topology)
+    """Declare every exchange, queue and binding; idempotent, run by each process at start."""
+    await _declare(channel, topology, topology.exchanges(), topology.queues(),
+                   topology.bindings())
 
 
 async def declare_events(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
-    """The events exchange and the queue every event must reach."""
-    events = await channel.declare_exchange(
-        topology.events, aio_pika.ExchangeType.TOPIC, durable=True)
-    webhooks = await channel.declare_queue(topology.webhooks, durable=True, arguments={
-        "x-queue-type": "quorum", "x-max-length": WEBHOOK_QUEUE_MAX,
-        "x-overflow": "reject-publish"})
-    await webhooks.bind(events, routing_key="#")
+    """The events exchange and the queue every event must reach, with their binding."""
+    bindings = [b for b in topology.bindings() if b.exchange == topology.events]
+    queues = {b.queue for b in bindings}
+    await _declare(channel, topology,
+                   [e for e in topology.exchanges() if e.name == topology.events],
+                   [q for q in topology.queues() if q.name in queues], bindings)
 
 
-async def _declare_partition(
-    channel: aio_pika.abc.AbstractChannel, topology: Topology, partition: int
+async def _declare(channel: aio_pika.abc.AbstractChannel, topology: Topology,
+                   exchanges: list[Exchange], queues: list[Queue],
+                   bindings: list[Binding]) -> None:
+    declared: dict[str, aio_pika.abc.AbstractExchange] = {}
+    for e in exchanges:
+        declared[e.name] = await channel.declare_exchange(
+            e.name, aio_pika.ExchangeType(e.type), durable=True)
+    made: dict[str, aio_pika.abc.AbstractQueue] = {}
+    for q in queues:
+        made[q.name] = await _declare_queue(channel, q)
+    for b in bindings:
+        await made[b.queue].bind(declared[b.exchange], routing_key=b.routing_key)
+
+
+async def _declare_queue(
+    channel: aio_pika.abc.AbstractChannel, queue: Queue
 ) -> aio_pika.abc.AbstractQueue:
-    """A partition queue, or TopologyMismatch when it exists with other arguments (a queue's
-    arguments cannot change in place, and replacing it while an edge may publish to it could
-    lose a command)."""
-    name = topology.queue(partition)
+    """A queue, or TopologyMismatch when it exists with other arguments (a queue's arguments
+    cannot change in place, and replacing it while an edge may publish to it could lose a
+    command)."""
     try:
-        return await channel.declare_queue(
-            name, durable=True, arguments=topology.queue_arguments())
+        return await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments)
     except aio_pika.exceptions.ChannelPreconditionFailed as exc:
         await channel.reopen()
-        existing = await channel.declare_queue(name, passive=True)
+        existing = await channel.declare_queue(queue.name, passive=True)
         held = existing.declaration_result.message_count or 0
         raise TopologyMismatch(
-            f"queue {name} exists with other arguments than {topology.queue_arguments()} and "
-            f"holds {held} command(s) ({exc}). Stop every edge, let a processor drain it, "
-            f"delete it (rabbitmqctl delete_queue {name}) and start again.") from None
+            f"queue {queue.name} exists with other arguments than {queue.arguments} and "
+            f"holds {held} message(s) ({exc}). Stop every edge, let a processor drain it, "
+            f"delete it (rabbitmqctl delete_queue {queue.name}) and start again.") from None
 
 
 async def delete(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
     """Delete every queue and exchange of a topology, with what they hold (benchmarks and
     tests, which make one of their own)."""
-    queues = [topology.queue(p) for p in range(topology.partitions)]
-    for queue in (*queues, topology.dead, topology.dead_notices, topology.webhooks):
-        await channel.queue_delete(queue)
-    for exchange in (topology.commands, topology.events, topology.dead):
-        await channel.exchange_delete(exchange)
+    for queue in topology.queues():
+        await channel.queue_delete(queue.name)
+    for exchange in topology.exchanges():
+        await channel.exchange_delete(exchange.name)
 
 
 class TopologyMismatch(Exception):

@@ -325,7 +325,7 @@ async def test_partition_queue_declared_with_old_arguments_is_named(migrated: No
             held = await channel.declare_queue(topology.queue(1), durable=True, arguments=old)
             await channel.default_exchange.publish(aio_pika.Message(b"{}"), held.name)
             with pytest.raises(TopologyMismatch,
-                               match=r"holds 1 command.*rabbitmqctl delete_queue"):
+                               match=r"holds 1 message.*rabbitmqctl delete_queue"):
                 await declare(channel, topology)
         finally:
             await delete(await connection.channel(), topology)
