@@ -51,9 +51,10 @@ run: venv services
 test: venv services tools
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# Prometheus' promtool checks the alert rules, and its server scrapes a real stack in a test.
+# Prometheus' promtool checks the alert rules, and its server scrapes a real stack in a test;
+# headless Chromium loads the API reference page.
 tools:
-	@bash ops/services.sh tools prometheus
+	@bash ops/services.sh tools prometheus chromium
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy

@@ -12,7 +12,7 @@
 #   bash ops/services.sh                    # bring up / check all three
 #   bash ops/services.sh up redis           # only the named ones (postgres, redis, rabbitmq)
 #   bash ops/services.sh stop [SERVICE...]  # stop only what this script started from .data/ or docker
-#   bash ops/services.sh tools prometheus   # install tools some tests need (promtool, prometheus)
+#   bash ops/services.sh tools prometheus chromium  # install tools some tests need
 #   bash ops/services.sh rabbitmqctl ARGS   # rabbitmqctl (or rabbitmq-diagnostics) against the
 #                                           # node this script starts for PAYONCE_AMQP_URL
 #
@@ -364,13 +364,15 @@ ensure_rabbitmq_plugins() {
 }
 
 # Tools some tests need beside the servers: Prometheus (promtool checks the alert rules; the
-# server scrapes a real stack in a test). Installed from the OS packages, as the servers are.
+# server scrapes a real stack in a test) and Chromium (renders the API reference page, headless).
+# Installed from the OS packages, as the servers are.
 cmd_tools() {
   local tool missing=()
   for tool in "$@"; do
     case $tool in
       prometheus) command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus) ;;
-      *) die "unknown tool '$tool' (expected prometheus)" ;;
+      chromium) command -v chromium >/dev/null || missing+=(chromium) ;;
+      *) die "unknown tool '$tool' (expected prometheus or chromium)" ;;
     esac
   done
   ((${#missing[@]})) || { say "tools: $* present"; return 0; }
@@ -486,7 +488,7 @@ main() {
     tools) cmd_tools "$@" ;;
     stop) cmd_stop "$@" ;;
     rabbitmqctl | rabbitmq-diagnostics) cmd_rabbitmq_cli "$cmd" "$@" ;;
-    *) die "usage: $0 [up|stop [postgres|redis|rabbitmq...]] | tools prometheus | rabbitmqctl|rabbitmq-diagnostics ARGS..." ;;
+    *) die "usage: $0 [up|stop [postgres|redis|rabbitmq...]] | tools prometheus|chromium... | rabbitmqctl|rabbitmq-diagnostics ARGS..." ;;
   esac
 }
 # One line, read whole before it runs, that ends in exit: bash reads a script as it runs it, and
