@@ -185,27 +185,31 @@ class AttemptRunner:
         delay = BACKOFF_START_S
         for try_number in range(attempt["tries"], s.psp_max_tries + 1):
             metrics.PSP_IN_FLIGHT.inc()
+            started = time.perf_counter()
+            outcome = "error"
             try:
                 async with asyncio.timeout(s.psp_timeout_s):
                     result = await self._psp.charge(
                         attempt["psp_key"], amount=attempt["amount"],
                         currency=attempt["currency"], payment_method=attempt["payment_method"])
             except TimeoutError:
-                metrics.PSP_CALLS.labels("timeout").inc()
+                outcome = "timeout"
                 log.warning("psp timed out; retrying with the same key",
                             extra={"ids": {"try": try_number}})
             except PSPUnavailable as exc:
-                metrics.PSP_CALLS.labels("unavailable").inc()
+                outcome = "unavailable"
                 log.warning("psp unavailable; retrying", extra={"ids": {"error": str(exc)}})
             except PSPRejected as exc:
-                metrics.PSP_CALLS.labels("rejected").inc()
+                outcome = "rejected"
                 log.error("psp rejected the request", extra={"ids": {"error": str(exc)}})
                 return _processing_error()
             else:
-                metrics.PSP_CALLS.labels("succeeded" if result.succeeded else "declined").inc()
+                outcome = "succeeded" if result.succeeded else "declined"
                 return result
             finally:
                 metrics.PSP_IN_FLIGHT.dec()
+                metrics.PSP_CALLS.labels(outcome).inc()
+                metrics.PSP_SECONDS.labels(outcome).observe(time.perf_counter() - started)
             if self._stopping:
                 await self._pool.execute(RELEASE, attempt["id"])
                 return None

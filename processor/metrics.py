@@ -21,8 +21,12 @@ TRANSIENT_FAILURES = Counter(
 )
 PSP_CALLS = Counter(
     "payonce_processor_psp_calls_total",
-    "PSP calls, by result: succeeded, declined, unavailable, timeout, rejected",
+    "PSP calls, by result: succeeded, declined, unavailable, timeout, rejected, error",
     ["result"],
+)
+PSP_SECONDS = Histogram(
+    "payonce_processor_psp_call_seconds", "Duration of one PSP call, by result", ["result"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 PSP_IN_FLIGHT = Gauge("payonce_processor_psp_in_flight", "PSP calls under way")
 INTENTS_IN_PROGRESS = Gauge(
