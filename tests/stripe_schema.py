@@ -1,4 +1,4 @@
-"""Stripe's published OpenAPI schemas (tests/data/stripe_schemas.json: PaymentIntent, Charge,
+"""Stripe's published OpenAPI schemas (contracts/stripe_schemas.json: PaymentIntent, Charge,
 the error and what they reference, from stripe/openapi's spec3 at the commit it names), as
 JSON Schema validators for what payonce returns.
 
@@ -18,7 +18,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-PATH = Path(__file__).parent / "data" / "stripe_schemas.json"
+# In the package: the API's OpenAPI document (edge/openapi.py) serves the same schemas.
+PATH = Path(__file__).parent.parent / "contracts" / "stripe_schemas.json"
 REF_PREFIX = "#/components/schemas/"
 
 
