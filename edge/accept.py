@@ -200,6 +200,7 @@ async def accept(
         await app[PUBLISHER].publish(command, timeout_s=remaining)
     except PublishFailed as exc:
         metrics.PUBLISHES.labels(command.TYPE, "unknown" if exc.maybe_queued else "failed").inc()
+        metrics.DEPENDENCY_ERRORS.labels("rabbitmq").inc()
         # No 202 follows, so the marker goes: a command that lands after all (an unknown
         # outcome) shows once it is applied.
         try:

@@ -91,7 +91,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         except Exception as exc:
             if is_transient(exc) or isinstance(exc, RedisError | OSError):
                 # A read or a check before anything was published: nothing was done.
-                metrics.DEPENDENCY_ERRORS.labels(type(exc).__module__.split(".")[0]).inc()
+                metrics.DEPENDENCY_ERRORS.labels(
+                    "redis" if isinstance(exc, RedisError) else "postgres").inc()
                 log.error("dependency failure", extra={"ids": {"error": repr(exc)}})
                 response = error_response(ServiceUnavailable(
                     "payonce could not reach one of its services; retry the request.",

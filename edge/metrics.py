@@ -16,5 +16,9 @@ IDEMPOTENCY = Counter(
 )
 PUBLISHES = Counter("payonce_edge_publishes_total", "Commands published", ["command", "outcome"])
 DEPENDENCY_ERRORS = Counter(
-    "payonce_edge_dependency_errors_total", "Redis/Postgres/RabbitMQ failures", ["dependency"]
+    "payonce_edge_dependency_errors_total", "Failures of a dependency: postgres, redis, rabbitmq",
+    ["dependency"]
 )
+# Exported at 0 from the start, so dashboards and alerts see the series before any failure.
+for _dependency in ("postgres", "redis", "rabbitmq"):
+    DEPENDENCY_ERRORS.labels(_dependency)

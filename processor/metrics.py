@@ -19,6 +19,9 @@ SETTLE_LAG = Histogram(
 TRANSIENT_FAILURES = Counter(
     "payonce_processor_transient_failures_total", "Retried failures of a dependency", ["where"]
 )
+# Exported at 0 from the start, so dashboards and alerts see the series before any failure.
+for _where in ("apply", "pending_marker", "attempt", "attempt_unexpected"):
+    TRANSIENT_FAILURES.labels(_where)
 PSP_CALLS = Counter(
     "payonce_processor_psp_calls_total",
     "PSP calls, by result: succeeded, declined, unavailable, timeout, rejected, error",
