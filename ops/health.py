@@ -21,22 +21,24 @@ async def health(request: web.Request) -> web.Response:
 async def readiness(
     *,
     db: Any,
-    redis: aioredis.Redis,
+    redis: aioredis.Redis | None,
     amqp: aio_pika.abc.AbstractRobustConnection,
     loops: Iterable[Loop] = (),
 ) -> web.Response:
-    """503 and the failing checks unless every dependency answers and every loop is alive."""
+    """503 and the failing checks unless every dependency answers and every loop is alive;
+    `redis=None` for a process that does not use Redis."""
     checks: dict[str, str] = {}
     try:
         await db.fetchval("SELECT 1")
         checks["postgres"] = "ok"
     except Exception as exc:
         checks["postgres"] = type(exc).__name__
-    try:
-        await redis.ping()
-        checks["redis"] = "ok"
-    except Exception as exc:
-        checks["redis"] = type(exc).__name__
+    if redis is not None:
+        try:
+            await redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = type(exc).__name__
     checks["rabbitmq"] = "ok" if amqp.connected.is_set() else "disconnected"
     for loop in loops:
         checks[loop.name] = "ok" if loop.alive() else "stalled"
