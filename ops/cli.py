@@ -22,9 +22,11 @@ from edge.app import create_app
 from ops import logs
 from ops.accounts import create_account
 from ops.deadletters import list_dead, replay_dead
+from ops.listen import Listener, ListenError, listen
 from ops.migrate import migrate
 from ops.settings import Settings, SettingsError
 from processor.app import Processor
+from processor.dispatcher import Dispatcher
 
 log = logging.getLogger("payonce")
 
@@ -32,17 +34,22 @@ log = logging.getLogger("payonce")
 EDGE_SHUTDOWN_S = 15.0
 
 
-async def serve(settings: Settings, *, edge: bool, processor: bool) -> None:
-    """Run the edge and/or the processor until SIGINT or SIGTERM, then stop gracefully:
-    the edge stops accepting and finishes its requests, the processor finishes its commands."""
+async def serve(settings: Settings, *, edge: bool, processor: bool,
+                dispatcher: bool = False) -> None:
+    """Run the edge, the processor and/or the webhook dispatcher until SIGINT or SIGTERM,
+    then stop gracefully: the edge stops accepting and finishes its requests, the processor
+    finishes its commands, the dispatcher its delivery attempts."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     worker = Processor(settings) if processor else None
+    sender = Dispatcher(settings) if dispatcher else None
     runner: web.AppRunner | None = None
     if worker is not None:
         await worker.start()
+    if sender is not None:
+        await sender.start()
     if edge:
         runner = web.AppRunner(create_app(settings), access_log=None,
                                shutdown_timeout=EDGE_SHUTDOWN_S)
@@ -55,6 +62,8 @@ async def serve(settings: Settings, *, edge: bool, processor: bool) -> None:
         await runner.cleanup()
     if worker is not None:
         await worker.stop()
+    if sender is not None:
+        await sender.stop()
 
 
 async def _create_account(settings: Settings, name: str) -> dict[str, str]:
@@ -85,12 +94,14 @@ def _save_dev_state(path: Path, state: dict[str, Any]) -> None:
 
 async def dev(settings: Settings, state_file: Path) -> None:
     """Everything in one process for a developer: migrations, a dev account (made once and
-    kept in a git-ignored file, since the database only keeps its key's digest), edge and
-    processor."""
+    kept in a git-ignored file, since the database only keeps its key's digest), edge,
+    processor and webhook dispatcher. Webhooks may go to private addresses, so that
+    `payonce listen` and receivers on this machine get them."""
     state = _dev_state(state_file)
     if not settings.secret:
         state.setdefault("secret", secrets.token_urlsafe(32))
         settings = settings.with_(secret=state["secret"])
+    settings = settings.with_(webhook_allow_private=True)
     await migrate(settings.database_url)
     account = state.get("account")
     if not account or not await _account_exists(settings, account["account"]):
@@ -99,7 +110,10 @@ async def dev(settings: Settings, state_file: Path) -> None:
     _save_dev_state(state_file, state)
     base = f"http://127.0.0.1:{settings.edge_port}"
     print(f"""
-payonce is starting: edge on {base}, processor with {settings.partitions} partitions.
+payonce is starting: edge on {base}, processor with {settings.partitions} partitions,
+webhook dispatcher (metrics on :{settings.dispatcher_metrics_port}).
+Webhooks may be delivered to private and loopback addresses (PAYONCE_WEBHOOK_ALLOW_PRIVATE is
+on in dev): never run dev like this where merchants can create endpoints.
 Dev account {account["account"]} (kept in {state_file})
   secret key:       {account["secret_key"]}
   publishable key:  {account["publishable_key"]}
@@ -109,9 +123,36 @@ Try it:
     -H "Idempotency-Key: $(date +%s%N)" \\
     -d amount=2000 -d currency=usd -d payment_method=pm_card_visa -d confirm=true
 
+Webhooks to a local URL, in another terminal:
+  payonce listen --forward-to http://localhost:4242/webhook
+
 Ctrl-C stops it.
 """, flush=True)
-    await serve(settings, edge=True, processor=True)
+    await serve(settings, edge=True, processor=True, dispatcher=True)
+
+
+def _listen(settings: Settings, args: argparse.Namespace) -> int:
+    api_key = args.api_key or os.environ.get("PAYONCE_API_KEY")
+    if not api_key:
+        account = _dev_state(args.state_file).get("account")
+        if not account:
+            print(f"payonce listen: no --api-key, no PAYONCE_API_KEY and no dev account in "
+                  f"{args.state_file} (run `payonce dev` first)", file=sys.stderr)
+            return 2
+        api_key = account["secret_key"]
+    events = [e.strip() for e in args.events.split(",") if e.strip()] or ["*"]
+    listener = Listener(
+        forward_to=args.forward_to, api_key=api_key,
+        api_base=args.api_base or f"http://127.0.0.1:{settings.edge_port}", events=events,
+        forward_timeout_s=max(1.0, settings.webhook_timeout_s - 1.0))
+    try:
+        asyncio.run(listen(listener))
+    except ListenError as exc:
+        print(f"payonce listen: could not create the webhook endpoint: {exc}\n"
+              "A local address needs PAYONCE_WEBHOOK_ALLOW_PRIVATE=true on the edge and the "
+              "dispatcher (`payonce dev` sets it).", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,15 +165,29 @@ def main(argv: list[str] | None = None) -> int:
     edge.add_argument("--port", type=int, help="listen port (default PAYONCE_EDGE_PORT, 8080)")
     edge.add_argument("--host", help="listen address (default PAYONCE_EDGE_HOST, 0.0.0.0)")
     sub.add_parser("processor", help="run the processor (consumers, PSP attempts, outbox)")
+    sub.add_parser("dispatcher", help="run the webhook dispatcher (deliveries and retries)")
     sub.add_parser("migrate", help="apply database migrations")
     account = sub.add_parser("account", help="manage accounts")
     account_sub = account.add_subparsers(dest="account_command", required=True, metavar="ACTION")
     create = account_sub.add_parser("create", help="create an account and print its API keys")
     create.add_argument("--name", required=True, help="a name for the account")
     dev_parser = sub.add_parser(
-        "dev", help="migrate, make a dev account once, run edge and processor together")
+        "dev", help="migrate, make a dev account once, run edge, processor and dispatcher")
     dev_parser.add_argument("--state-file", type=Path, default=Path(".data/dev.json"),
                             help="where the dev account and secret are kept")
+    listen_parser = sub.add_parser(
+        "listen", help="forward the account's webhooks to a local URL (as `stripe listen`)")
+    listen_parser.add_argument("--forward-to", required=True, metavar="URL",
+                               help="where to POST each event, e.g. "
+                                    "http://localhost:4242/webhook")
+    listen_parser.add_argument("--events", default="*",
+                               help="event types to receive, comma-separated (default: *)")
+    listen_parser.add_argument("--api-key", help="the account's secret key (default: "
+                                                 "PAYONCE_API_KEY, else the dev account's)")
+    listen_parser.add_argument("--api-base", metavar="URL",
+                               help="the edge (default: http://127.0.0.1:PAYONCE_EDGE_PORT)")
+    listen_parser.add_argument("--state-file", type=Path, default=Path(".data/dev.json"),
+                               help="where `payonce dev` keeps the dev account")
     dead = sub.add_parser("dead", help="list or replay dead-lettered commands")
     dead_sub = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
     dead_list = dead_sub.add_parser("list", help="print dead-lettered messages as JSON lines")
@@ -151,12 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "host", None):
             settings = settings.with_(edge_host=args.host)
         # A developer at a terminal reads text; everything else gets JSON lines.
-        human = args.command == "dev" and "PAYONCE_LOG_FORMAT" not in os.environ
+        human = args.command in ("dev", "listen") and "PAYONCE_LOG_FORMAT" not in os.environ
         logs.setup("text" if human else settings.log_format, settings.log_level)
-        if args.command in ("edge", "processor"):
+        if args.command in ("edge", "processor", "dispatcher"):
             settings.secret_bytes  # noqa: B018  (a clear error before anything starts)
             asyncio.run(serve(settings, edge=args.command == "edge",
-                              processor=args.command == "processor"))
+                              processor=args.command == "processor",
+                              dispatcher=args.command == "dispatcher"))
+        elif args.command == "listen":
+            return _listen(settings, args)
         elif args.command == "migrate":
             applied = asyncio.run(migrate(settings.database_url))
             print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
