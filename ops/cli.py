@@ -19,7 +19,7 @@ from aiohttp import web
 
 from contracts.topology import TopologyMismatch
 from edge.app import create_app
-from ops import logs
+from ops import dashboard, definitions, logs
 from ops.accounts import create_account
 from ops.deadletters import list_dead, replay_dead
 from ops.listen import Listener, ListenError, listen
@@ -197,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     which = dead_replay.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="replay every message")
     which.add_argument("message_ids", nargs="*", default=[], metavar="MESSAGE_ID")
+    topology = sub.add_parser("topology", help="RabbitMQ topology as a definitions file")
+    topology_sub = topology.add_subparsers(dest="topology_command", required=True,
+                                           metavar="ACTION")
+    topology_sub.add_parser(
+        "definitions", help="print the deployment's exchanges, queues and bindings as a "
+                            "RabbitMQ definitions file (ops/rabbitmq/definitions.json)")
+    sub.add_parser("dashboard", help="print the Grafana dashboard "
+                                     "(ops/grafana/dashboards/payonce.json)")
     args = parser.parse_args(argv)
 
     try:
@@ -229,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"replayed {len(replayed)} message(s)")
         elif args.command == "dev":
             asyncio.run(dev(settings, args.state_file))
+        elif args.command == "topology":
+            sys.stdout.buffer.write(definitions.render(settings))
+        elif args.command == "dashboard":
+            sys.stdout.buffer.write(dashboard.render())
     except SettingsError as exc:
         print(f"payonce: configuration error: {exc}", file=sys.stderr)
         return 2
