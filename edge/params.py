@@ -6,6 +6,10 @@ sent as a form or as JSON are the same request. The form parser makes hashes onl
 `x[0]=a` is a list or a hash with the key "0" (a metadata key, say) is for the endpoint's
 schema to say, and `list_of` reads Stripe's indexed lists back into lists.
 
+Every field validator is a `Validator`: the check and the JSON Schema of the values it takes.
+edge/openapi.py builds the API's OpenAPI document from those schemas and the endpoints'
+specs below, so the document describes exactly what is validated here.
+
 Bodies are UTF-8 only, as at Stripe. Text in any other charset can decode to strings UTF-8
 cannot hold (lone surrogates, from utf-7 for one), which would then fail in the fingerprint,
 the command's encoding or Postgres rather than here with a 400.
@@ -16,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl
 
 import orjson
@@ -31,7 +35,7 @@ from contracts.errors import (
     PayloadTooLarge,
     UnexpectedState,
 )
-from contracts.webhook_urls import WebhookURLError, check_url
+from contracts.webhook_urls import MAX_URL_LENGTH, WebhookURLError, check_url
 
 MAX_AMOUNT = 99_999_999
 METADATA_MAX_KEYS = 50
@@ -44,6 +48,9 @@ _UTF8 = frozenset({"utf-8", "utf8"})
 _PAYMENT_METHOD = re.compile(r"pm_[0-9A-Za-z_]{1,200}")
 # Postgres text and jsonb cannot hold U+0000: refused here rather than failing in the processor.
 _NUL_MESSAGE = "Invalid {}: text parameters cannot contain the NUL character."
+_NO_NUL = "^[^\\u0000]*$"
+
+T = TypeVar("T")
 
 
 def parse_form(body: str, lists: Collection[str] = (), what: str = "request body"
@@ -144,6 +151,30 @@ def read_query(request: web.Request, lists: Collection[str] = ()) -> dict[str, A
 # ---- field validators: (raw value, param name) -> canonical value --------------------------
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Validator(Generic[T]):
+    """A field validator: `check(raw value, param name)` gives the canonical value or raises a
+    ParameterInvalid; `schema` is the JSON Schema (2020-12, as OpenAPI 3.1 takes it) of the
+    values it accepts, in their JSON form. In a form body every value is text: integers and
+    booleans are their decimal and `true`/`false` spellings there, and a JSON body may spell
+    them that way too."""
+
+    check: Callable[[Any, str], T]
+    schema: Mapping[str, Any]
+
+    def __call__(self, value: Any, param: str) -> T:
+        return self.check(value, param)
+
+
+def accepts(schema: Mapping[str, Any]) -> Callable[[Callable[[Any, str], T]], Validator[T]]:
+    """Make a function a `Validator` with this schema."""
+
+    def wrap(check: Callable[[Any, str], T]) -> Validator[T]:
+        return Validator(check, schema)
+
+    return wrap
+
+
 def _integer(value: Any, param: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ParameterInvalid(f"Invalid integer: {value!r}.", code="parameter_invalid_integer",
@@ -160,6 +191,7 @@ def _integer(value: Any, param: str) -> int:
     return value
 
 
+@accepts({"type": "integer", "maximum": MAX_AMOUNT})
 def amount(value: Any, param: str) -> int:
     """An integer amount up to Stripe's eight digits; its minimum depends on the currency
     (`charge_amount`)."""
@@ -170,6 +202,8 @@ def amount(value: Any, param: str) -> int:
     return number
 
 
+@accepts({"type": "string", "enum": sorted(currencies.CURRENCIES),
+          "description": "Lowercase in answers; any case is accepted."})
 def currency(value: Any, param: str) -> str:
     code = value.lower() if isinstance(value, str) else None
     if code not in currencies.CURRENCIES:
@@ -200,7 +234,8 @@ def charge_amount(number: int, code: str, param: str) -> None:
             code="invalid_charge_amount", param=param)
 
 
-def string(max_length: int) -> Callable[[Any, str], str]:
+def string(max_length: int) -> Validator[str]:
+    @accepts({"type": "string", "maxLength": max_length, "pattern": _NO_NUL})
     def check(value: Any, param: str) -> str:
         if not isinstance(value, str):
             raise ParameterInvalid(f"Invalid string: {param} must be a string.", param=param)
@@ -214,6 +249,7 @@ def string(max_length: int) -> Callable[[Any, str], str]:
     return check
 
 
+@accepts({"type": "boolean"})
 def boolean(value: Any, param: str) -> bool:
     if isinstance(value, bool):
         return value is True
@@ -223,6 +259,8 @@ def boolean(value: Any, param: str) -> bool:
                            code="parameter_invalid_boolean", param=param)
 
 
+@accepts({"type": "string", "pattern": f"^{_PAYMENT_METHOD.pattern}$",
+          "description": "A PaymentMethod id: Stripe's test payment methods decide the outcome."})
 def payment_method(value: Any, param: str) -> str:
     if not isinstance(value, str) or not _PAYMENT_METHOD.fullmatch(value):
         raise ParameterInvalid(f"No such PaymentMethod: '{str(value)[:60]}'.",
@@ -230,11 +268,12 @@ def payment_method(value: Any, param: str) -> str:
     return value
 
 
-def list_of(check: Callable[[Any, str], Any], max_items: int) -> Callable[[Any, str], list[Any]]:
+def list_of(check: Validator[Any], max_items: int) -> Validator[list[Any]]:
     """A list parameter, from a JSON array or Stripe's indexed form encoding: `expand[0]=a&
     expand[1]=b` parses as {"0": "a", "1": "b"}, read back in index order. Indexes run from 0
     without gaps, as Stripe's libraries send them."""
 
+    @accepts({"type": "array", "items": check.schema, "maxItems": max_items})
     def check_list(value: Any, param: str) -> list[Any]:
         if isinstance(value, dict):
             if set(value) != {str(i) for i in range(len(value))}:
@@ -250,6 +289,23 @@ def list_of(check: Callable[[Any, str], Any], max_items: int) -> Callable[[Any, 
     return check_list
 
 
+# Stripe's own spec describes metadata this way: a hash, or "" to unset it.
+_METADATA_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "propertyNames": {"minLength": 1, "maxLength": METADATA_KEY_MAX, "pattern": _NO_NUL},
+    "additionalProperties": {
+        "anyOf": [{"type": "string", "maxLength": METADATA_VALUE_MAX, "pattern": _NO_NUL},
+                  {"type": "number"}],
+    },
+}
+
+
+@accepts({
+    "anyOf": [{**_METADATA_SCHEMA, "maxProperties": METADATA_MAX_KEYS}, {"const": ""}],
+    "description": f"Up to {METADATA_MAX_KEYS} keys of up to {METADATA_KEY_MAX} characters, "
+                   f"values of up to {METADATA_VALUE_MAX}; a key with an empty value is left "
+                   "out.",
+})
 def metadata(value: Any, param: str) -> dict[str, str]:
     if value == "":
         return {}
@@ -280,6 +336,12 @@ def metadata(value: Any, param: str) -> dict[str, str]:
     return result
 
 
+@accepts({
+    "anyOf": [_METADATA_SCHEMA, {"const": ""}],
+    "description": "Merged into the object's metadata: a key with an empty value is removed, "
+                   f"an empty metadata removes every key; at most {METADATA_MAX_KEYS} keys "
+                   "once merged.",
+})
 def metadata_changes(value: Any, param: str) -> dict[str, Any]:
     """Metadata to merge into an object's, as Stripe's updates do: `{"set": {…}, "unset": […],
     "clear": bool}`. A key sent with an empty value is removed, an empty `metadata` removes
@@ -292,7 +354,8 @@ def metadata_changes(value: Any, param: str) -> dict[str, Any]:
     return {"set": kept, "unset": unset, "clear": False}
 
 
-def bounded_integer(low: int, high: int) -> Callable[[Any, str], int]:
+def bounded_integer(low: int, high: int) -> Validator[int]:
+    @accepts({"type": "integer", "minimum": low, "maximum": high})
     def check(value: Any, param: str) -> int:
         number = _integer(value, param)
         if not low <= number <= high:
@@ -307,6 +370,14 @@ def bounded_integer(low: int, high: int) -> Callable[[Any, str], int]:
 RANGE_BOUNDS = ("gt", "gte", "lt", "lte")
 
 
+@accepts({
+    "anyOf": [
+        {"type": "integer"},
+        {"type": "object", "properties": {bound: {"type": "integer"} for bound in RANGE_BOUNDS},
+         "additionalProperties": False},
+    ],
+    "description": "Unix seconds: that second, or a range of gt, gte, lt and lte.",
+})
 def timestamp_range(value: Any, param: str) -> dict[str, int]:
     """A filter on a timestamp (unix seconds), as Stripe takes it: `created=1700000000` for that
     second, or any of `created[gt]`, `[gte]`, `[lt]`, `[lte]`. Canonical form: a hash of the
@@ -326,6 +397,10 @@ def timestamp_range(value: Any, param: str) -> dict[str, int]:
 _EVENT_TYPE = string(100)
 
 
+@accepts({
+    "type": "array", "minItems": 1, "maxItems": 256,
+    "items": {"type": "string", "enum": [webhooks.ALL_EVENTS, *sorted(webhooks.SUBSCRIBABLE)]},
+})
 def enabled_events(value: Any, param: str) -> list[str]:
     """A webhook endpoint's event types: `*` for all, or types payonce emits; every unknown one
     is named in the error. Duplicates are dropped, the order kept."""
@@ -344,6 +419,11 @@ def enabled_events(value: Any, param: str) -> list[str]:
     return list(dict.fromkeys(types))
 
 
+@accepts({
+    "type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH,
+    # check_url: http or https in any case (urlsplit lowers it), a host, no spaces or controls.
+    "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^\\s\\x00-\\x1f\\x7f]+$",
+})
 def webhook_url(value: Any, param: str) -> str:
     """A well-formed http(s) URL. Where it may point (public addresses only, unless settings
     allow private ones) needs DNS and is checked when the endpoint is written."""
@@ -358,7 +438,7 @@ def webhook_url(value: Any, param: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Field:
-    check: Callable[[Any, str], Any]
+    check: Validator[Any]
     required: bool = False
 
 
