@@ -25,7 +25,7 @@ from contracts.errors import (
 )
 from contracts.pending import PendingCommands
 from contracts.topology import CommandPublisher, Topology, declare
-from edge import events, intents, metrics, webhook_endpoints
+from edge import docs, events, intents, metrics, webhook_endpoints
 from edge.accept import json_response
 from edge.auth import KeyCache, key_from_header
 from edge.idempotency import IdempotencyStore
@@ -199,4 +199,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_view)
+    # The API's description and its reference page: no API key needed (outside /v1).
+    app.router.add_routes(docs.routes)
     return app
