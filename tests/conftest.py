@@ -35,6 +35,7 @@ from ops.migrate import migrate
 from ops.postgres import create_pool
 from ops.settings import Settings
 from processor.app import Processor
+from processor.dispatcher import Dispatcher
 from tests import stripe_schema
 
 TERMINAL = ("succeeded", "requires_payment_method", "canceled")
@@ -54,6 +55,7 @@ def make_settings(**overrides: Any) -> Settings:
         "processor_host": "127.0.0.1",
         "edge_port": 0,
         "processor_metrics_port": 0,
+        "dispatcher_metrics_port": 0,
         "log_format": "text",
         "psp_latency_ms": (5, 30),
         "psp_timeout_s": 2.0,
@@ -184,6 +186,7 @@ class Stack:
     redis: aioredis.Redis
     session: aiohttp.ClientSession
     processor: Processor | None
+    dispatcher: Dispatcher | None = None
 
     async def client(self) -> Client:
         async with self.db.acquire() as conn:
@@ -201,11 +204,23 @@ class Stack:
             await self.processor.stop()
             self.processor = None
 
+    async def start_dispatcher(self) -> Dispatcher:
+        assert self.dispatcher is None
+        self.dispatcher = Dispatcher(self.settings)
+        await self.dispatcher.start()
+        return self.dispatcher
+
+    async def stop_dispatcher(self) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+            self.dispatcher = None
+
 
 @asynccontextmanager
 async def stack(settings: Settings | None = None, *, processor: bool = True,
-                edge: bool = True) -> AsyncIterator[Stack]:
-    """An edge (in-process test server) and, optionally, an in-process processor."""
+                edge: bool = True, dispatcher: bool = False) -> AsyncIterator[Stack]:
+    """An edge (in-process test server) and, optionally, an in-process processor and webhook
+    dispatcher."""
     settings = settings or make_settings()
     db = await create_pool(settings.database_url, timeout_s=10.0, min_size=1, max_size=10)
     redis = aioredis.from_url(settings.redis_url)
@@ -218,8 +233,11 @@ async def stack(settings: Settings | None = None, *, processor: bool = True,
             s.base_url = str(server.make_url("/"))
         if processor:
             await s.start_processor()
+        if dispatcher:
+            await s.start_dispatcher()
         yield s
     finally:
+        await s.stop_dispatcher()
         await s.stop_processor()
         if server is not None:
             await server.close()
@@ -318,8 +336,10 @@ def procs() -> Iterable[list[Proc]]:
 async def start_proc(
     kind: str, settings: Settings, procs: list[Proc], tmp_path: Path, **env: str
 ) -> Proc:
-    """An edge or processor subprocess with these settings, once its /health answers."""
-    port = settings.edge_port if kind == "edge" else settings.processor_metrics_port
+    """An edge, processor or dispatcher subprocess with these settings, once its /health
+    answers."""
+    port = {"edge": settings.edge_port, "processor": settings.processor_metrics_port,
+            "dispatcher": settings.dispatcher_metrics_port}[kind]
     assert port, "give the subprocess a fixed port to wait for"
     log_path = tmp_path / f"{kind}-{len(procs)}.log"
     proc = Proc([kind], settings_env(settings, **env), log_path).start()
