@@ -120,6 +120,7 @@ class Listener:
         try:
             async with self._session.post(
                     self.forward_to, data=body, headers=headers, allow_redirects=False,
+                    skip_auto_headers=("Accept", "Accept-Encoding"),
                     timeout=aiohttp.ClientTimeout(total=self._forward_timeout_s)) as resp:
                 await resp.read()
                 result = f"[{resp.status}]"
