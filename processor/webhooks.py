@@ -30,9 +30,10 @@ of every process and of RabbitMQ.
 
 Order: a delivery is not claimed while an earlier event of the same object is due for the same
 endpoint (or being sent to it), so one object's events reach an endpoint in `event_seq` order,
-unless an earlier one is waiting for a retry. Bounds: at most `webhook_concurrency` attempts
-at once per dispatcher, and `webhook_endpoint_concurrency` per endpoint, enforced in the claim
-itself, so an endpoint that hangs holds its own slots and no others.
+unless an earlier one is waiting for a retry (or, with more than MAX_LOOK deliveries due at
+once, is further back in the line than the claim looks). Bounds: at most `webhook_concurrency`
+attempts at once per dispatcher, and `webhook_endpoint_concurrency` per endpoint, enforced in
+the claim itself, so an endpoint that hangs holds its own slots and no others.
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "payonce/0.1 (+webhooks)"
 CONTENT_TYPE = "application/json; charset=utf-8"
-# Due deliveries looked at per claim, per free slot (a few are passed over to keep one
-# object's events in order or an endpoint within its bound), and the most in one claim.
+# Due deliveries looked at per claim: those under way here, and a few per free slot (some are
+# passed over, to keep one object's events in order or an endpoint within its bound).
 LOOK_AHEAD = 4
-MAX_LOOK = 2000
+MAX_LOOK = 5000
 SETTLE_BATCH = 500
 # The settler checks for work (and beats) at least this often.
 CHECK_S = 1.0
@@ -76,41 +77,42 @@ GONE = 410
 GONE_REASON = "The endpoint answered 410 Gone: it asked not to receive any more events."
 FAILING_REASON = "Every delivery attempt failed for {days:g} days."
 
-# Rows an attempt is claimed from; see the module's docstring. A delivery of an endpoint at
-# its bound here ($2) is not looked at, so a hanging endpoint's backlog does not fill the look
-# ahead; within what is looked at, each endpoint gets at most its free slots ($4, $5, $6),
-# first places first.
+# Rows an attempt is claimed from; see the module's docstring. The look ahead is the due
+# deliveries, oldest first, of live endpoints not at their bound here ($2: so a hanging
+# endpoint's backlog does not fill it), attempts under way included. Of each object's
+# deliveries to an endpoint only the first in event order may go, and only if it is not under
+# way: that keeps one object's events in order without a per-row search. Each endpoint then
+# gets at most its free slots ($4, $5, $6), first places first.
 CLAIM = """
-WITH due AS (
-    SELECT d.id, d.endpoint_id, d.next_attempt_at, d.event_seq
+WITH ahead AS (
+    SELECT d.id, d.endpoint_id, d.object_id, d.next_attempt_at, d.event_seq, d.locked_until
     FROM webhook_deliveries d
     JOIN webhook_endpoints e ON e.id = d.endpoint_id
     WHERE d.exchange = $1 AND d.state = 'pending' AND d.next_attempt_at <= now()
-      AND (d.locked_until IS NULL OR d.locked_until < now())
       AND e.status = 'enabled' AND e.deleted_at IS NULL
       AND d.endpoint_id <> ALL($2::text[])
-      AND NOT EXISTS (
-          SELECT 1 FROM webhook_deliveries p
-          WHERE p.endpoint_id = d.endpoint_id AND p.object_id = d.object_id
-            AND p.state = 'pending' AND p.event_seq < d.event_seq
-            AND p.next_attempt_at <= now())
-    ORDER BY d.next_attempt_at
+    ORDER BY d.next_attempt_at, d.event_seq
     LIMIT $3
+), heads AS (
+    SELECT DISTINCT ON (endpoint_id, object_id) *
+    FROM ahead
+    ORDER BY endpoint_id, object_id, event_seq
 ), ranked AS (
     SELECT id, endpoint_id,
            row_number() OVER (PARTITION BY endpoint_id ORDER BY next_attempt_at, event_seq)
                AS place
-    FROM due
+    FROM heads
+    WHERE locked_until IS NULL OR locked_until < now()
 ), picked AS (
     SELECT d.id, d.locked_until AS old_lock
-    FROM webhook_deliveries d
-    JOIN ranked r ON r.id = d.id
+    FROM ranked r
+    JOIN webhook_deliveries d ON d.id = r.id
     LEFT JOIN unnest($4::text[], $5::int[]) AS busy (endpoint_id, running)
         ON busy.endpoint_id = r.endpoint_id
     WHERE r.place <= $6 - coalesce(busy.running, 0)
       AND d.state = 'pending' AND d.next_attempt_at <= now()
       AND (d.locked_until IS NULL OR d.locked_until < now())
-    ORDER BY r.place, d.next_attempt_at
+    ORDER BY r.place
     LIMIT $7
     FOR UPDATE OF d SKIP LOCKED
 ), claimed AS (
@@ -303,7 +305,8 @@ class Deliverer:
         full = [e for e, n in self._busy.items() if n >= cap]
         busy = list(self._busy)
         rows = await self._pool.fetch(
-            CLAIM, self._exchange, full, min(room * LOOK_AHEAD, MAX_LOOK), busy,
+            CLAIM, self._exchange, full,
+            min(room * LOOK_AHEAD + len(self._running), MAX_LOOK), busy,
             [self._busy[e] for e in busy], cap, room, self._lease_s)
         for row in rows:
             self._busy[row["endpoint_id"]] = self._busy.get(row["endpoint_id"], 0) + 1
