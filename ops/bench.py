@@ -8,7 +8,11 @@ services, in the test database, with a RabbitMQ prefix of its own), then measure
 - settle: how long until every one of those intents reached `succeeded` (the processor's path,
   with the simulated PSP's latency);
 - replay: the same POSTs again with the same keys (answered from Redis);
-- read: GET /v1/payment_intents/{id}.
+- read: GET /v1/payment_intents/{id};
+- deliver: a `payonce dispatcher` runs beside them, delivering every event of those payments to
+  one endpoint, a receiver in this process that answers 200 at once: events delivered per
+  second (from the first event's commit to the last delivery), the delivery lag (event
+  committed → receiver got it) and the dispatcher's CPU time, read from /proc.
 
 Every loop is bounded by a request count; nothing here runs in the test suite.
 """
@@ -31,7 +35,9 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import aiohttp
 import asyncpg
+from aiohttp import web
 
+from contracts.ids import random_id
 from contracts.topology import Topology, delete
 from ops.accounts import create_account
 from ops.migrate import migrate
@@ -44,9 +50,42 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+ROLES = ("processor", "edge", "dispatcher")
+# Every event should be delivered long before this once the payments settled.
+DELIVERY_WAIT_S = 120.0
+
+
 def _start(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen([sys.executable, "-m", "ops.cli", role], env=env)
-            for role in ("processor", "edge")]
+            for role in ROLES]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat, fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Receiver:
+    """The webhook receiver: answers 200 at once and notes when each event first arrived."""
+
+    def __init__(self) -> None:
+        self.first_seen: dict[str, float] = {}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.first_seen.setdefault(request.headers["webhook-id"], time.time())
+        return web.Response(status=200)
+
+    async def start(self) -> tuple[web.AppRunner, int]:
+        app = web.Application()
+        app.router.add_post("/", self.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, int(runner.addresses[0][1])
 
 
 def _cpu() -> str:
@@ -89,12 +128,23 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
     account = await create_account(conn, "bench")
     port = _free_port()
     topology = Topology(f"payonce_bench.{uuid.uuid4().hex[:6]}", settings.partitions)
+    receiver = Receiver()
+    receiver_runner, receiver_port = await receiver.start()
+    endpoint_id = random_id("we")
+    await conn.execute(
+        "INSERT INTO webhook_endpoints (id, account_id, url, enabled_events) "
+        "VALUES ($1, $2, $3, $4)", endpoint_id, account["account"],
+        f"http://127.0.0.1:{receiver_port}/", ["*"])
     env = {**os.environ, "PAYONCE_DATABASE_URL": database_url,
            "PAYONCE_AMQP_PREFIX": topology.prefix,
            "PAYONCE_SECRET": "bench-secret", "PAYONCE_EDGE_PORT": str(port),
            "PAYONCE_EDGE_HOST": "127.0.0.1", "PAYONCE_PSP_LATENCY_MS": latency,
-           "PAYONCE_PROCESSOR_METRICS_PORT": str(_free_port()), "PAYONCE_LOG_LEVEL": "WARNING"}
+           "PAYONCE_PROCESSOR_METRICS_PORT": str(_free_port()),
+           "PAYONCE_DISPATCHER_METRICS_PORT": str(_free_port()),
+           # The receiver is on 127.0.0.1.
+           "PAYONCE_WEBHOOK_ALLOW_PRIVATE": "true", "PAYONCE_LOG_LEVEL": "WARNING"}
     procs = _start(env)
+    dispatcher = procs[ROLES.index("dispatcher")]
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {account['secret_key']}"}
     keys = [str(uuid.uuid4()) for _ in range(n)]
@@ -137,16 +187,29 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
             ledger = await conn.fetchval(
                 "SELECT count(*) FROM psp.charges c JOIN payment_attempts a "
                 "ON a.psp_key = c.idempotency_key WHERE a.account_id = $1", account["account"])
+            events = {r["id"]: r["created"].timestamp() for r in await conn.fetch(
+                "SELECT id, created FROM events WHERE account_id = $1", account["account"])}
+            deadline = time.monotonic() + DELIVERY_WAIT_S
+            while len(receiver.first_seen.keys() & events.keys()) < len(events):
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            dispatcher_cpu_s = _cpu_seconds(dispatcher.pid)
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(30)
         await conn.close()
+        await receiver_runner.cleanup()
         amqp = await aio_pika.connect(settings.amqp_url)
         async with amqp:
             await delete(await amqp.channel(), topology)
 
+    delivered = {i: t for i, t in receiver.first_seen.items() if i in events}
+    lags = [t - events[i] for i, t in delivered.items()]
+    deliver_s = max(delivered.values()) - min(events.values())
+    deliver_rate = len(delivered) / deliver_s
     cpu = _cpu()
     print(f"""
 payonce benchmark: {n} payments, {concurrency} concurrent clients, PSP latency {latency} ms
@@ -159,8 +222,13 @@ processor process, PostgreSQL/Redis/RabbitMQ on the same machine
 | settle (all {n} succeeded, from the first POST) | {n / settle_s:.0f}/s | {settle_s:.1f} s total |
 | replay (same key → stored 202) | {n / replay_s:.0f}/s | {_percentiles(replay_lat)} |
 | read (GET intent) | {n / read_s:.0f}/s | {_percentiles(read_lat)} |
+| deliver (webhooks, {len(delivered)} of {len(events)} events) | {deliver_rate:.0f}/s \
+| lag {_percentiles(lags)} |
 
 PSP ledger rows for the {n} payments: {ledger} (one per attempt)
+Dispatcher CPU time: {dispatcher_cpu_s:.1f} s for {len(delivered)} deliveries \
+({dispatcher_cpu_s / max(len(delivered), 1) * 1000:.2f} ms each), \
+{dispatcher_cpu_s / deliver_s * 100:.0f}% of a core while it delivered
 """)
 
 
