@@ -64,9 +64,12 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "payonce/0.1 (+webhooks)"
 CONTENT_TYPE = "application/json; charset=utf-8"
-# Due deliveries looked at per claim: those under way here, and a few per free slot (some are
-# passed over, to keep one object's events in order or an endpoint within its bound).
+# Due deliveries looked at per claim: those under way here, and a few per free slot, up to
+# LOOK_SLOTS of them (some are passed over, to keep one object's events in order or an
+# endpoint within its bound). A claim's cost grows with what it looks at, and a claim runs
+# whenever an attempt ends.
 LOOK_AHEAD = 4
+LOOK_SLOTS = 64
 MAX_LOOK = 5000
 SETTLE_BATCH = 500
 # The settler checks for work (and beats) at least this often.
@@ -306,7 +309,7 @@ class Deliverer:
         busy = list(self._busy)
         rows = await self._pool.fetch(
             CLAIM, self._exchange, full,
-            min(room * LOOK_AHEAD + len(self._running), MAX_LOOK), busy,
+            min(min(room, LOOK_SLOTS) * LOOK_AHEAD + len(self._running), MAX_LOOK), busy,
             [self._busy[e] for e in busy], cap, room, self._lease_s)
         for row in rows:
             self._busy[row["endpoint_id"]] = self._busy.get(row["endpoint_id"], 0) + 1
