@@ -97,8 +97,11 @@ class OutboxRelay:
 
     async def _idle(self) -> None:
         """Wait for new events or the poll interval."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that arrives as the event is set, and the relay would not stop at shutdown.
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout=self._idle_s)
+            async with asyncio.timeout(self._idle_s):
+                await self._wake.wait()
         except TimeoutError:
             pass
         self._wake.clear()
