@@ -13,5 +13,5 @@ RUN pip install --no-deps . \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin payonce
 USER payonce
 
-EXPOSE 8080 9101
+EXPOSE 8080 9101 9102
 CMD ["payonce", "edge"]
