@@ -19,7 +19,7 @@ from aiohttp import web
 
 from contracts.topology import TopologyMismatch
 from edge.app import create_app
-from ops import dashboard, definitions, logs
+from ops import dashboard, definitions, logs, trace
 from ops.accounts import create_account
 from ops.deadletters import list_dead, replay_dead
 from ops.listen import Listener, ListenError, listen
@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                             "RabbitMQ definitions file (ops/rabbitmq/definitions.json)")
     sub.add_parser("dashboard", help="print the Grafana dashboard "
                                      "(ops/grafana/dashboards/payonce.json)")
+    trace_parser = sub.add_parser(
+        "trace", help="a payment's life in order: commands, transitions, PSP calls, events, "
+                      "webhook deliveries")
+    trace_parser.add_argument("intent_id", metavar="pi_…")
     args = parser.parse_args(argv)
 
     try:
@@ -241,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.buffer.write(definitions.render(settings))
         elif args.command == "dashboard":
             sys.stdout.buffer.write(dashboard.render())
+        elif args.command == "trace":
+            steps = asyncio.run(trace.trace(settings.database_url, args.intent_id,
+                                            timeout_s=settings.db_timeout_s))
+            if not steps:
+                print(f"payonce trace: nothing is known of {args.intent_id}", file=sys.stderr)
+                return 1
+            sys.stdout.write(trace.render(steps))
     except SettingsError as exc:
         print(f"payonce: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,42 @@
+"""`payonce trace` tells one payment's life in order, from the database."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+from tests.conftest import Client, Stack, settings_env
+from tests.support import VISA, create
+
+
+async def test_a_payment_told_in_order(api: Client, shared: Stack) -> None:
+    intent_id = await create(api, 4321, VISA, confirm_separately=True)
+    await api.wait_for(intent_id, ["succeeded"])
+    async with asyncio.timeout(20):
+        while await api.db.fetchval("SELECT count(*) FROM events WHERE object_id = $1 AND "
+                                    "published_at IS NULL", intent_id):
+            await asyncio.sleep(0.1)
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "ops.cli", "trace", intent_id],
+        env=settings_env(shared.settings), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    kinds = [line.split()[1] for line in lines]
+    text = done.stdout
+    # Accepted commands (create, then confirm), the attempt and its PSP call, the events with
+    # their transitions, in the order they happened.
+    assert kinds.count("command") == 2 and "payment_intent.create applied" in text
+    assert "payment_intent.confirm applied" in text
+    assert "psp" in kinds and ": captured" in text
+    assert "settled after 1 tries: authorized" in text
+    assert "payment_intent.processing (requires_confirmation → processing), published" in text
+    assert "payment_intent.succeeded (processing → succeeded), published" in text
+    order = [text.index(s) for s in ("payment_intent.create applied",
+                                     "payment_intent.confirm applied", ": captured",
+                                     "payment_intent.succeeded")]
+    assert order == sorted(order)
+    missing = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "ops.cli", "trace", "pi_" + "0" * 24],
+        env=settings_env(shared.settings), capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "nothing is known" in missing.stderr
