@@ -36,6 +36,7 @@ SELECT extract(epoch FROM now() - created) FROM events
 WHERE exchange = $1 AND published_at IS NULL ORDER BY seq LIMIT 1
 """
 QUEUE_FOR_CONNECTION_S = 60.0
+CLOSE_TIMEOUT_S = 5.0
 # Far longer than any PSP call with its retries, far shorter than a person would wait.
 STUCK_AFTER_S = 300
 STUCK_INTENTS = """
@@ -158,7 +159,9 @@ class Processor:
             await self._runner.cleanup()
         for close in reversed(self._closers):
             try:
-                await close()
+                # A dependency that is down must not hold the process: it is going anyway.
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await close()
             except Exception as exc:
                 log.warning("close failed", extra={"ids": {"error": repr(exc)}})
         log.info("processor stopped")

@@ -319,7 +319,10 @@ class PartitionConsumer:
         self._stopping = True
         if self._queue is not None and self._tag is not None:
             try:
-                await self._queue.cancel(self._tag)
+                # Bounded: on a connection that is down, a robust queue waits for it to come
+                # back before cancelling; the broker forgets a dead connection's consumer anyway.
+                async with asyncio.timeout(SETTLE_TIMEOUT_S):
+                    await self._queue.cancel(self._tag)
             except Exception as exc:
                 log.warning("could not cancel consumer", extra={"ids": {"error": repr(exc)}})
         if not await self._runner.drain(grace_s):
@@ -328,6 +331,7 @@ class PartitionConsumer:
             await self._runner.drain(1.0)
         if self._channel is not None:
             try:
-                await self._channel.close()
+                async with asyncio.timeout(SETTLE_TIMEOUT_S):
+                    await self._channel.close()
             except Exception as exc:
                 log.warning("could not close the channel", extra={"ids": {"error": repr(exc)}})

@@ -391,3 +391,26 @@ async def test_psp_slow_failing_and_losing_replies_under_load(
         assert psp == len(f.load.cards)
         assert "psp replayed a charge" in f.processor.log()
         assert "psp timed out; retrying with the same key" in f.processor.log()
+
+
+async def test_processes_stop_on_sigterm_with_every_dependency_down(
+    private_services: PrivateServices, procs: list[Proc], tmp_path: Path
+) -> None:
+    """RabbitMQ and Redis killed and PostgreSQL paused: SIGTERM still stops the edge, the
+    processor and the dispatcher, each within its grace period, instead of waiting for
+    dependencies that are gone."""
+    await private_services.heal()
+    settings = private_services.settings(**FAULT_SETTINGS, edge_port=free_port(),
+                                         processor_metrics_port=free_port(),
+                                         dispatcher_metrics_port=free_port())
+    try:
+        running = [await start_proc(kind, settings, procs, tmp_path)
+                   for kind in ("edge", "processor", "dispatcher")]
+        await private_services.kill_rabbitmq()
+        await private_services.kill_redis()
+        await private_services.pause_postgres()
+        for proc in running:
+            code = await proc.sigterm(within_s=settings.shutdown_grace_s + 15)
+            assert code == 0, proc.log()[-3000:]
+    finally:
+        await private_services.heal()
