@@ -331,8 +331,13 @@ class Deliverer:
     async def _send(self, row: Mapping[str, Any]) -> None:
         endpoint_id = row["endpoint_id"]
         try:
-            with bound(account=row["account_id"], event=row["event_id"], delivery=row["id"],
-                       endpoint=endpoint_id):
+            data = row["data"] or {}
+            intent = data.get("payment_intent") or (
+                data.get("id") if data.get("object") == "payment_intent" else None)
+            # The request and intent ids of the edge's and the processor's lines, so one grep
+            # follows a payment into its deliveries.
+            with bound(request_id=row["request_id"], account=row["account_id"], intent=intent,
+                       event=row["event_id"], delivery=row["id"], endpoint=endpoint_id):
                 body = orjson.dumps(objects.event(
                     {**row, "id": row["event_id"]}, pending_webhooks=row["pending_webhooks"]))
                 headers = {"Content-Type": CONTENT_TYPE, "User-Agent": USER_AGENT,
