@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from contracts.errors import (
@@ -43,7 +42,7 @@ from edge.keys import (
     SETTINGS,
 )
 from ops.cache import redis_client
-from ops.health import health, readiness
+from ops.health import health, metrics_response, readiness
 from ops.logs import bound
 from ops.loops import Loop
 from ops.postgres import create_pool, is_transient
@@ -182,7 +181,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return await metrics_response()
 
 
 def create_app(settings: Settings) -> web.Application:

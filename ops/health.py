@@ -3,15 +3,18 @@ its background loops are alive), the same for every payonce process."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aio_pika
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ops.loops import Loop
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def health(request: web.Request) -> web.Response:
@@ -46,3 +49,21 @@ async def readiness(
     return web.Response(
         body=orjson.dumps({"status": "ok" if ok else "unavailable", "checks": checks}),
         status=200 if ok else 503, content_type="application/json")
+
+
+async def serve(
+    host: str, port: int, *, ready: Handler, metrics: Handler
+) -> web.AppRunner:
+    """`/health`, `/ready` and `/metrics` of a process that has no HTTP API of its own."""
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def metrics_response() -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

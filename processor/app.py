@@ -12,12 +12,11 @@ from typing import Any
 
 import aio_pika
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from contracts.pending import PendingCommands
 from contracts.topology import CommandPublisher, Topology, declare
 from ops.cache import redis_client
-from ops.health import health, readiness
+from ops.health import metrics_response, readiness, serve
 from ops.loops import Loop
 from ops.postgres import Database, create_pool
 from ops.settings import Settings
@@ -108,15 +107,9 @@ class Processor:
         log.info("processor started", extra={"ids": {"partitions": s.partitions}})
 
     async def _serve_health(self) -> None:
-        app = web.Application()
-        app.router.add_get("/health", health)
-        app.router.add_get("/ready", self._ready)
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.processor_host,
-                           self.settings.processor_metrics_port)
-        await site.start()
+        s = self.settings
+        self._runner = await serve(s.processor_host, s.processor_metrics_port, ready=self._ready,
+                                   metrics=self._metrics)
         self.port = self._runner.addresses[0][1]
 
     async def _ready(self, request: web.Request) -> web.Response:
@@ -125,7 +118,7 @@ class Processor:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         await self._read_gauges()
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return await metrics_response()
 
     async def _read_gauges(self) -> None:
         """Gauges read from the source of truth at every scrape; NaN when it cannot be read."""

@@ -10,10 +10,9 @@ from typing import Any
 
 import aio_pika
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from contracts.topology import Topology, declare_events
-from ops.health import health, readiness
+from ops.health import metrics_response, readiness, serve
 from ops.loops import Loop
 from ops.postgres import Database, create_pool
 from ops.settings import Settings
@@ -72,15 +71,9 @@ class Dispatcher:
             "allow_private": s.webhook_allow_private, "concurrency": s.webhook_concurrency}})
 
     async def _serve_health(self) -> None:
-        app = web.Application()
-        app.router.add_get("/health", health)
-        app.router.add_get("/ready", self._ready)
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.processor_host,
-                           self.settings.dispatcher_metrics_port)
-        await site.start()
+        s = self.settings
+        self._runner = await serve(s.processor_host, s.dispatcher_metrics_port, ready=self._ready,
+                                   metrics=self._metrics)
         self.port = self._runner.addresses[0][1]
 
     async def _ready(self, request: web.Request) -> web.Response:
@@ -88,7 +81,7 @@ class Dispatcher:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         await self.deliverer.read_gauges()
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return await metrics_response()
 
     async def stop(self) -> None:
         """Graceful: stop taking events (unacked ones go back to the queue) and claiming,

@@ -2,11 +2,10 @@
 the error and what they reference, from stripe/openapi's spec3 at the commit it names), as
 JSON Schema validators for what payonce returns.
 
-The spec is OpenAPI 3.0, whose `nullable: true` JSON Schema lacks: each schema marked so
-becomes `anyOf: [null, the schema]`, which also covers the `anyOf` + `nullable` that Stripe
-uses for nullable references, and `enum` lists that would otherwise refuse null. `required`
-and `additionalProperties` stay as published: Stripe's objects do not forbid extra fields,
-only maps such as `metadata` constrain their values.
+The spec is OpenAPI 3.0, whose `nullable: true` JSON Schema lacks; contracts/schemas.py
+translates it (for the API's own OpenAPI document too): each schema marked so becomes
+`anyOf: [null, the schema]`. `required` and `additionalProperties` stay as published: Stripe's
+objects do not forbid extra fields, only maps such as `metadata` constrain their values.
 """
 
 from __future__ import annotations
@@ -18,9 +17,11 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from contracts import schemas
+from contracts.schemas import REF
+
 # In the package: the API's OpenAPI document (edge/openapi.py) serves the same schemas.
 PATH = Path(__file__).parent.parent / "contracts" / "stripe_schemas.json"
-REF_PREFIX = "#/components/schemas/"
 
 
 @cache
@@ -28,35 +29,11 @@ def document() -> dict[str, Any]:
     return json.loads(PATH.read_text())  # type: ignore[no-any-return]
 
 
-def translate(schema: Any) -> Any:
-    """One OpenAPI 3.0 schema object as JSON Schema (2020-12)."""
-    if not isinstance(schema, dict):
-        return schema
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key == "nullable":
-            continue
-        if key == "$ref":
-            assert value.startswith(REF_PREFIX), value
-            out[key] = "#/$defs/" + value.removeprefix(REF_PREFIX)
-        elif key == "properties":
-            out[key] = {name: translate(sub) for name, sub in value.items()}
-        elif key in ("items", "additionalProperties", "not"):
-            out[key] = translate(value)
-        elif key in ("anyOf", "oneOf", "allOf"):
-            out[key] = [translate(sub) for sub in value]
-        else:
-            out[key] = value
-    if schema.get("nullable") is True:
-        return {"anyOf": [{"type": "null"}, out]}
-    return out
-
-
 @cache
 def validator(name: str) -> Draft202012Validator:
-    schemas = document()["schemas"]
-    root = {"$ref": f"#/$defs/{name}",
-            "$defs": {n: translate(s) for n, s in schemas.items()}}
+    # The OpenAPI translation is the one the served document uses (contracts/schemas.py); the
+    # schemas keep their place under components/schemas, where their $refs point.
+    root = {"$ref": f"{REF}{name}", "components": {"schemas": schemas.stripe()}}
     Draft202012Validator.check_schema(root)
     return Draft202012Validator(root)
 
