@@ -9,6 +9,11 @@ services, in the test database, with a RabbitMQ prefix of its own), then measure
   with the simulated PSP's latency);
 - replay: the same POSTs again with the same keys (answered from Redis);
 - read: GET /v1/payment_intents/{id};
+- CPU: milliseconds of CPU per settled payment for each process (edge, processor, dispatcher,
+  PostgreSQL, RabbitMQ, Redis) over the accept+settle run, from /proc, and each payonce
+  process's peak RSS;
+- open loop: accept latency at fixed offered rates (OPEN_LOOP_RATES), requests sent on a
+  schedule rather than after the previous answer;
 - deliver: a `payonce dispatcher` runs beside them, delivering every event of those payments to
   one endpoint, a receiver in this process that answers 200 at once: events delivered per
   second (from the first event's commit to the last delivery), the delivery lag (event
@@ -65,6 +70,64 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# The services' processes, by the name the kernel gives them (/proc/PID/comm).
+SERVICE_COMMS = {"postgres": "PostgreSQL", "beam.smp": "RabbitMQ", "redis-server": "Redis"}
+# Offered rates of the open-loop accept runs, and how long each runs.
+OPEN_LOOP_RATES = (250, 500, 1000)
+OPEN_LOOP_S = 5.0
+
+
+def _service_pids() -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {name: [] for name in SERVICE_COMMS.values()}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/comm") as comm:
+                    name = SERVICE_COMMS.get(comm.read().strip())
+            except OSError:
+                continue
+            if name is not None:
+                found[name].append(int(entry.name))
+    return found
+
+
+def _cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += _cpu_seconds(pid)
+        except OSError:  # exited meanwhile (a PostgreSQL backend)
+            pass
+    return total
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class CPUMeter:
+    """CPU seconds of every process that works on a payment, from /proc, between two reads.
+    PostgreSQL backends come and go: the ones that ended in between are not counted, so its
+    figure is a floor (the bench keeps its connections open, as the processes do)."""
+
+    def __init__(self, payonce: dict[str, int]) -> None:
+        self.payonce = payonce
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        readings = {role: _cpu_of([pid]) for role, pid in self.payonce.items()}
+        readings.update({name: _cpu_of(pids) for name, pids in _service_pids().items()})
+        return readings
+
+    def since_start(self) -> dict[str, float]:
+        now = self._read()
+        return {name: now[name] - self.start.get(name, 0.0) for name in now}
 
 
 class Receiver:
@@ -172,6 +235,7 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
                     assert resp.status in (200, 425)
                     await resp.read()
 
+            meter = CPUMeter({role: proc.pid for role, proc in zip(ROLES, procs, strict=True)})
             accept_s, accept_lat, ids = await _run(session, n, concurrency, post)
             settle_started = time.perf_counter()
             while True:
@@ -182,6 +246,7 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
                     break
                 await asyncio.sleep(0.05)
             settle_s = accept_s + time.perf_counter() - settle_started
+            settle_cpu = meter.since_start()
             replay_s, replay_lat, _ = await _run(session, n, concurrency, post)
             read_s, read_lat, _ = await _run(session, n, concurrency, get)
             ledger = await conn.fetchval(
@@ -195,6 +260,9 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
                     break
                 await asyncio.sleep(0.05)
             dispatcher_cpu_s = _cpu_seconds(dispatcher.pid)
+            open_loop = [await _open_loop(session, base, rate, body) for rate in OPEN_LOOP_RATES]
+            peak_rss = {role: _peak_rss_mb(proc.pid) for role, proc in zip(ROLES, procs,
+                                                                           strict=True)}
     finally:
         for proc in procs:
             proc.terminate()
@@ -225,11 +293,70 @@ processor process, PostgreSQL/Redis/RabbitMQ on the same machine
 | deliver (webhooks, {len(delivered)} of {len(events)} events) | {deliver_rate:.0f}/s \
 | lag {_percentiles(lags)} |
 
+CPU per settled payment, from the first POST until all {n} succeeded (/proc; every process
+on the machine with these names, so other load on it counts too):
+
+| process | CPU ms per payment |
+|---|---|
+{_cpu_rows(settle_cpu, n)}
+
+Peak RSS: {", ".join(f"{role} {mb:.0f} MB" for role, mb in peak_rss.items())}
+
+Accept latency at fixed offered rates (open loop: each POST sent on schedule, {OPEN_LOOP_S:.0f} s
+each, while the earlier payments still settle):
+
+| offered | answered | latency |
+|---|---|---|
+{chr(10).join(open_loop)}
+
 PSP ledger rows for the {n} payments: {ledger} (one per attempt)
 Dispatcher CPU time: {dispatcher_cpu_s:.1f} s for {len(delivered)} deliveries \
 ({dispatcher_cpu_s / max(len(delivered), 1) * 1000:.2f} ms each), \
 {dispatcher_cpu_s / deliver_s * 100:.0f}% of a core while it delivered
 """)
+
+
+def _cpu_rows(cpu: dict[str, float], payments: int) -> str:
+    rows = [f"| {name} | {seconds * 1000 / payments:.2f} |" for name, seconds in cpu.items()]
+    total = sum(cpu.values()) * 1000 / payments
+    return "\n".join([*rows, f"| **total** | **{total:.2f}** |"])
+
+
+async def _open_loop(session: aiohttp.ClientSession, base: str, rate: int,
+                     body: dict[str, str]) -> str:
+    """POSTs sent at `rate` per second on a fixed schedule, whatever the answers: a stall
+    shows in the percentiles instead of slowing the senders down."""
+    latencies: list[float] = []
+    failures = 0
+
+    async def one() -> None:
+        nonlocal failures
+        started = time.perf_counter()
+        try:
+            async with session.post(f"{base}/v1/payment_intents", data=body,
+                                    headers={"Idempotency-Key": str(uuid.uuid4())}) as resp:
+                await resp.read()
+                if resp.status != 202:
+                    failures += 1
+                    return
+        except aiohttp.ClientError:
+            failures += 1
+            return
+        latencies.append(time.perf_counter() - started)
+
+    count = int(rate * OPEN_LOOP_S)
+    begin = time.perf_counter()
+    tasks = []
+    for i in range(count):
+        delay = begin + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - begin
+    answered = f"{len(latencies) / elapsed:.0f}/s" + (f", {failures} failed" if failures else "")
+    percentiles = _percentiles(latencies) if len(latencies) > 1 else "-"
+    return f"| {rate}/s | {answered} | {percentiles} |"
 
 
 def main() -> None:
