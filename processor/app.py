@@ -22,6 +22,7 @@ from ops.postgres import Database, create_pool
 from ops.settings import Settings
 from processor import metrics
 from processor.attempts import AttemptRunner
+from processor.batches import Batch
 from processor.consumer import Gate, PartitionConsumer
 from processor.deadletters import DeadLetterWatcher
 from processor.intents import Intents
@@ -86,8 +87,9 @@ class Processor:
         pending = PendingCommands(redis, ttl_s=s.pending_ttl_s)
         gate = Gate()
         for partition in range(s.partitions):
-            consumer = PartitionConsumer(connection, topology, partition, intents, pending,
-                                         self.attempts.kick, s.prefetch, pool, gate)
+            consumer = PartitionConsumer(
+                connection, topology, partition, intents, pending, self.attempts.kick,
+                s.prefetch, pool, gate, batch=lambda: Batch(s.secret_bytes, topology))
             await consumer.start()
             self._consumers.append(consumer)
         relay = OutboxRelay(s.database_url, connection, topology, s.sweep_interval_s,

@@ -35,6 +35,7 @@ from ops import failpoints
 from ops.logs import bound
 from ops.postgres import Database, is_transient
 from processor import metrics
+from processor.batches import Batch
 from processor.intents import FORGET_START, Applied, Intents
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ POISON_STARTS = 3
 # An ack or reject that takes longer is given up: the broker redelivers the message (its
 # channel is gone) and the inbox dedupes it.
 SETTLE_TIMEOUT_S = 5.0
+# Commands in one batch at most: bounds a transaction's statements and the work lost when a
+# batch must be split after a failure.
+BATCH_MAX = 128
 # Backoff for retries in place: a dependency that is down is asked again at most this often.
 RETRY_MAX_S = 5.0
 
@@ -147,6 +151,90 @@ class Gate:
                 self._changed.notify_all()
 
 
+class Batcher:
+    """Gathers the commands of a partition that are ready and applies them together, in one
+    transaction per batch (processor/batches.py has the protocol). A command waits only for
+    the batch under way: whatever arrives meanwhile forms the next one, so batches grow with
+    the load and a lone command goes at once."""
+
+    def __init__(self, pool: Database, batch: Callable[[], Batch], stopping: Callable[[], bool]
+                 ) -> None:
+        self._pool = pool
+        self._batch = batch
+        self._stopping = stopping
+        self._waiting: list[tuple[Command, asyncio.Future[Applied | None]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for _, future in self._waiting:
+            if not future.done():
+                future.set_exception(_Abandoned())
+
+    async def submit(self, command: Command) -> Applied | None:
+        """The command's outcome; None when it must be applied alone (its batch failed for a
+        reason of its own); _Abandoned at shutdown while the database is unavailable."""
+        future: asyncio.Future[Applied | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((command, future))
+        self._wake.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # One turn of the loop lets the other commands delivered together join.
+            await asyncio.sleep(0)
+            while self._waiting:
+                batch = self._waiting[:BATCH_MAX]
+                del self._waiting[:BATCH_MAX]
+                try:
+                    await self._flush(batch)
+                except Exception as exc:  # never leave a command waiting on a lost batch
+                    log.exception("batch flush failed", exc_info=exc)
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+
+    async def _flush(self, batch: list[tuple[Command, asyncio.Future[Applied | None]]]) -> None:
+        delay = 0.1
+        while True:
+            started = time.perf_counter()
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    results = await self._batch().apply(conn, [c for c, _ in batch])
+            except Exception as exc:
+                if not is_transient(exc):
+                    metrics.BATCHES.labels("split").inc()
+                    log.warning("batch failed; its commands are applied one by one",
+                                extra={"ids": {"commands": len(batch), "error": repr(exc)}})
+                    for _, future in batch:
+                        future.set_result(None)
+                    return
+                metrics.TRANSIENT_FAILURES.labels("apply").inc()
+                log.warning("batch failed, retrying", extra={"ids": {"error": repr(exc)}})
+                if self._stopping():
+                    for _, future in batch:
+                        future.set_exception(_Abandoned())
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            failpoints.hit("processor.after_batch_commit")
+            metrics.BATCHES.labels("applied").inc()
+            metrics.BATCH_SIZE.observe(len(batch))
+            metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+            for (_, future), result in zip(batch, results, strict=True):
+                future.set_result(result)
+            return
+
+
 class PartitionConsumer:
     def __init__(
         self,
@@ -159,6 +247,7 @@ class PartitionConsumer:
         prefetch: int,
         db: Database,
         gate: Gate,
+        batch: Callable[[], Batch] | None = None,
     ) -> None:
         self._connection = connection
         self._queue_name = topology.queue(partition)
@@ -170,11 +259,14 @@ class PartitionConsumer:
         self._gate = gate
         self._runner = KeyedRunner()
         self._stopping = False
+        self._batcher = None if batch is None else Batcher(db, batch, lambda: self._stopping)
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._queue: aio_pika.abc.AbstractQueue | None = None
         self._tag: str | None = None
 
     async def start(self) -> None:
+        if self._batcher is not None:
+            self._batcher.start()
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=self._prefetch)
         self._queue = await self._channel.get_queue(self._queue_name, ensure=True)
@@ -230,10 +322,24 @@ class PartitionConsumer:
                 await self._forget_start(journal)
                 return None
         failpoints.hit("processor.apply", getattr(command, "description", None))
+        if journal is None and self._batcher is not None:
+            started = time.perf_counter()
+            batched = await self._batcher.submit(command)
+            if batched is not None:
+                self._applied(command, batched, started)
+                return batched
         result = await self._apply(command, journal)
         if result is None and journal is not None:
             await self._forget_start(journal)
         return result
+
+    def _applied(self, command: Command, result: Applied, started: float) -> None:
+        metrics.APPLY_SECONDS.labels(command.TYPE).observe(time.perf_counter() - started)
+        metrics.SETTLE_LAG.labels(command.TYPE).observe(
+            max(time.time() - command.accepted_at, 0.0))
+        metrics.COMMANDS.labels(command.TYPE, result.outcome).inc()
+        log.info(f"command {result.outcome}", extra={"ids": {
+            "command": command.TYPE, "detail": result.detail}})
 
     async def _apply(self, command: Command, journal: tuple[str, str] | None) -> Applied | None:
         failures = 0
@@ -253,12 +359,7 @@ class PartitionConsumer:
                         metrics.COMMANDS.labels(command.TYPE, "dead_lettered").inc()
                         return None
             else:
-                metrics.APPLY_SECONDS.labels(command.TYPE).observe(time.perf_counter() - started)
-                metrics.SETTLE_LAG.labels(command.TYPE).observe(
-                    max(time.time() - command.accepted_at, 0.0))
-                metrics.COMMANDS.labels(command.TYPE, result.outcome).inc()
-                log.info(f"command {result.outcome}", extra={"ids": {
-                    "command": command.TYPE, "detail": result.detail}})
+                self._applied(command, result, started)
                 return result
             delay = await self._pause(delay)
 
@@ -329,6 +430,8 @@ class PartitionConsumer:
             log.warning("shutdown grace over; unfinished commands will be redelivered")
             self._runner.cancel()
             await self._runner.drain(1.0)
+        if self._batcher is not None:
+            await self._batcher.stop()
         if self._channel is not None:
             try:
                 async with asyncio.timeout(SETTLE_TIMEOUT_S):

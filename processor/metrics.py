@@ -11,6 +11,18 @@ APPLY_SECONDS = Histogram(
     "payonce_processor_apply_seconds", "Time to apply one command in Postgres", ["command"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+BATCHES = Counter(
+    "payonce_processor_batches_total",
+    "Batches of commands, by outcome: applied, split (failed; applied one by one)", ["outcome"],
+)
+BATCH_SIZE = Histogram(
+    "payonce_processor_batch_commands", "Commands in one applied batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+BATCH_SECONDS = Histogram(
+    "payonce_processor_batch_seconds", "Time to apply one batch in Postgres",
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 SETTLE_LAG = Histogram(
     "payonce_processor_command_lag_seconds",
     "From a command's acceptance at the edge (whole seconds) to its application",

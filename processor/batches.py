@@ -1,0 +1,320 @@
+"""Commands applied in batches: many commands of one partition in one Postgres transaction,
+with set-based statements, instead of a transaction and a dozen round trips each.
+
+The protocol, and why it keeps every guarantee of applying one command at a time
+(processor/intents.py, which stays the reference and the fallback):
+
+- collect: the partition consumer's KeyedRunner lets at most one command of an intent run at
+  a time, so a batch holds at most one command per intent, and a later command of an intent
+  waits for the batch that holds the earlier one to commit: per-intent order holds inside a
+  batch and across batches. Only fresh deliveries are batched; a redelivered command (a
+  suspect in a crash) is applied alone, as processor/consumer.py explains.
+- apply: one transaction for the whole batch. The inbox rows go first (`ON CONFLICT DO
+  NOTHING`, so a duplicate, redelivered or republished, is found out as in the single path);
+  what each new command does is decided in Python from the rows locked `FOR UPDATE`, with the
+  same transition table, so a command that would be rejected is rejected before anything of
+  it is written, and needs no savepoint; then one multi-row statement per table.
+- settle: each command's message is acked only after the commit. If the transaction fails
+  because a dependency is unavailable, the whole batch is retried in place. If it fails for
+  any other reason, one of its commands is at fault: the batch is dropped and each of its
+  commands is applied alone, where a poison command is isolated (and dead-lettered after its
+  own failures) without taking its neighbours with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from contracts import ids, objects
+from contracts.commands import ApplyPSPResult, ClientCommand, Command, ConfirmIntent, CreateIntent
+from contracts.enums import ChargeStatus, EventType, IntentStatus
+from contracts.errors import PayonceError, ResourceMissing, UnexpectedState
+from contracts.topology import Topology
+from contracts.transitions import Action, next_status
+from processor.intents import Applied
+
+log = logging.getLogger(__name__)
+
+INSERT_INBOX = """
+INSERT INTO inbox (account_id, idempotency_key, fingerprint, command, object_id, outcome,
+                   request_id)
+SELECT a, k, f, c, o, 'applied', r
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+     AS u(a, k, f, c, o, r)
+ON CONFLICT (account_id, idempotency_key) DO NOTHING
+RETURNING account_id, idempotency_key
+"""
+# Rejections are decided before anything of the command is written: only the inbox row
+# records them.
+REJECT_INBOX = """
+UPDATE inbox i SET outcome = 'rejected', error = u.e
+FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS u(a, k, e)
+WHERE i.account_id = u.a AND i.idempotency_key = u.k
+"""
+INSERT_INTENTS = """
+INSERT INTO payment_intents (id, account_id, amount, currency, status, customer, description,
+                             metadata, payment_method, created)
+SELECT i, a, amt, cur, st::payment_intent_status, cu, d, m, pm, to_timestamp(t)
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::jsonb[], $9::text[], $10::bigint[])
+     AS u(i, a, amt, cur, st, cu, d, m, pm, t)
+RETURNING *
+"""
+# Different partitions never hold the same intent (partition = hash of its id), so
+# concurrent batches never wait on each other's locks.
+LOCK_INTENTS = "SELECT * FROM payment_intents WHERE id = ANY($1::text[]) FOR UPDATE"
+START_ATTEMPTS = """
+UPDATE payment_intents p
+SET status = 'processing', payment_method = u.pm, last_payment_error = NULL, updated_at = now()
+FROM unnest($1::text[], $2::text[]) AS u(i, pm)
+WHERE p.id = u.i
+RETURNING p.*
+"""
+INSERT_ATTEMPTS = """
+INSERT INTO payment_attempts (id, account_id, payment_intent_id, charge_id, psp_key, amount,
+                              currency, payment_method, request_id, commands_exchange)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                     $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[])
+"""
+# Settles the attempts not settled yet; the ones missing from the answer are unknown or done.
+SETTLE_ATTEMPTS = """
+UPDATE payment_attempts SET state = 'settled', updated_at = now()
+WHERE id = ANY($1::text[]) AND state <> 'settled'
+RETURNING *
+"""
+INSERT_CHARGES = """
+INSERT INTO charges (id, account_id, payment_intent_id, attempt_id, amount, amount_captured,
+                     currency, status, payment_method, authorization_code, failure_code,
+                     failure_message, decline_code)
+SELECT i, a, pi, at, amt, cap, cur, st::charge_status, pm, ac, fc, fm, dc
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
+            $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+            $13::text[])
+     AS u(i, a, pi, at, amt, cap, cur, st, pm, ac, fc, fm, dc)
+RETURNING *
+"""
+FINISH_INTENTS = """
+UPDATE payment_intents p
+SET status = u.s::payment_intent_status, amount_received = u.r, latest_charge = u.c,
+    last_payment_error = u.e, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::jsonb[]) AS u(i, s, r, c, e)
+WHERE p.id = u.i
+RETURNING p.*
+"""
+# In the order given, so one intent's events keep their order in `seq`; one notification for
+# the whole batch wakes the outbox relay at commit.
+INSERT_EVENTS = """
+WITH inserted AS (
+    INSERT INTO events (id, account_id, type, object_id, data, previous_attributes, request_id,
+                        idempotency_key, exchange)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
+                         $6::jsonb[], $7::text[], $8::text[], $9::text[])
+    ON CONFLICT (id) DO NOTHING
+)
+SELECT pg_notify('payonce_events', '')
+"""
+
+
+class _Rows:
+    """Rows for one multi-row statement, gathered column by column."""
+
+    def __init__(self, width: int) -> None:
+        self.columns: list[list[Any]] = [[] for _ in range(width)]
+
+    def add(self, *values: Any) -> None:
+        for column, value in zip(self.columns, values, strict=True):
+            column.append(value)
+
+    def __bool__(self) -> bool:
+        return bool(self.columns[0])
+
+
+class Batch:
+    """One batch's transaction: `apply(conn, commands)` gives each command its Applied."""
+
+    def __init__(self, secret: bytes, topology: Topology) -> None:
+        self._secret = secret
+        self._events_exchange = topology.events
+        self._commands_exchange = topology.commands
+
+    async def apply(self, conn: Any, commands: list[Command]) -> list[Applied]:
+        """Each command's outcome, in order; the caller holds the transaction. One Batch per
+        transaction: it gathers the transaction's events."""
+        results: list[Applied | None] = [None] * len(commands)
+        self._events = _Rows(9)
+        client = [(i, c) for i, c in enumerate(commands) if isinstance(c, ClientCommand)]
+        results_psp = [(i, c) for i, c in enumerate(commands) if isinstance(c, ApplyPSPResult)]
+        if client:
+            for i, applied in await self._client(conn, [c for _, c in client]):
+                results[client[i][0]] = applied
+        if results_psp:
+            for i, applied in await self._psp_results(conn, [c for _, c in results_psp]):
+                results[results_psp[i][0]] = applied
+        if self._events:
+            await conn.execute(INSERT_EVENTS, *self._events.columns)
+        assert all(r is not None for r in results)
+        return [r for r in results if r is not None]
+
+    async def _client(self, conn: Any, commands: list[ClientCommand]) -> list[tuple[int, Applied]]:
+        inbox = _Rows(6)
+        for c in commands:
+            inbox.add(c.account_id, c.idempotency_key, c.fingerprint, c.TYPE, c.intent_id,
+                      c.request_id)
+        new = {(r["account_id"], r["idempotency_key"])
+               for r in await conn.fetch(INSERT_INBOX, *inbox.columns)}
+        done: list[tuple[int, Applied]] = []
+        fresh: list[tuple[int, ClientCommand]] = []
+        for i, c in enumerate(commands):
+            if (c.account_id, c.idempotency_key) in new:
+                fresh.append((i, c))
+            else:
+                # The single path also tells a same-key-other-request duplicate apart; the
+                # outcome is the same (nothing more is done), so the batch does not ask.
+                done.append((i, Applied("duplicate")))
+        rejected = _Rows(3)
+        creates: list[tuple[int, ClientCommand]] = []
+        for i, c in fresh:
+            if isinstance(c, CreateIntent) and c.confirm and c.payment_method is None:
+                # Refused whole, as the single path's savepoint refuses it: no intent either.
+                exc = UnexpectedState("You cannot confirm this PaymentIntent because it's "
+                                      "missing a payment method.", param="payment_method")
+                rejected.add(c.account_id, c.idempotency_key, exc.body()["error"])
+                done.append((i, Applied("rejected", detail=exc.message)))
+            elif isinstance(c, CreateIntent):
+                creates.append((i, c))
+        confirms = [(i, c) for i, c in fresh if isinstance(c, ConfirmIntent)]
+        rows: dict[str, Any] = {}
+        if creates:
+            intents = _Rows(10)
+            for _, c in creates:
+                assert isinstance(c, CreateIntent)
+                status = (IntentStatus.REQUIRES_CONFIRMATION if c.payment_method
+                          else IntentStatus.REQUIRES_PAYMENT_METHOD)
+                intents.add(c.intent_id, c.account_id, c.amount, c.currency, status.value,
+                            c.customer, c.description, c.metadata, c.payment_method,
+                            c.accepted_at)
+            for row in await conn.fetch(INSERT_INTENTS, *intents.columns):
+                rows[row["id"]] = row
+            for _, c in creates:
+                self._event(c, EventType.INTENT_CREATED, rows[c.intent_id])
+        if confirms:
+            for row in await conn.fetch(LOCK_INTENTS, [c.intent_id for _, c in confirms]):
+                rows[row["id"]] = row
+        starts: list[tuple[int, ClientCommand, Any, str]] = []
+        for i, c in [*creates, *confirms]:
+            row = rows.get(c.intent_id)
+            try:
+                if isinstance(c, CreateIntent):
+                    if not c.confirm:
+                        done.append((i, Applied("applied")))
+                        continue
+                    payment_method = c.payment_method
+                    assert payment_method is not None
+                else:
+                    assert isinstance(c, ConfirmIntent)
+                    if row is None or row["account_id"] != c.account_id:
+                        raise ResourceMissing(f"No such payment_intent: '{c.intent_id}'")
+                    payment_method = c.payment_method or row["payment_method"]
+                next_status(Action.CONFIRM, IntentStatus(row["status"]))
+                if payment_method is None:
+                    raise UnexpectedState("You cannot confirm this PaymentIntent because it's "
+                                          "missing a payment method.", param="payment_method")
+            except PayonceError as exc:
+                rejected.add(c.account_id, c.idempotency_key, exc.body()["error"])
+                done.append((i, Applied("rejected", detail=exc.message)))
+                continue
+            starts.append((i, c, row, payment_method))
+        if rejected:
+            await conn.execute(REJECT_INBOX, *rejected.columns)
+        if starts:
+            done.extend(await self._start_attempts(conn, starts))
+        return done
+
+    async def _start_attempts(
+        self, conn: Any, starts: list[tuple[int, ClientCommand, Any, str]]
+    ) -> list[tuple[int, Applied]]:
+        updated = {row["id"]: row for row in await conn.fetch(
+            START_ATTEMPTS, [c.intent_id for _, c, _, _ in starts],
+            [pm for _, _, _, pm in starts])}
+        attempts = _Rows(10)
+        done: list[tuple[int, Applied]] = []
+        for i, c, row, payment_method in starts:
+            attempt_id = ids.attempt_id(self._secret, c.intent_id, c.idempotency_key)
+            attempts.add(attempt_id, c.account_id, c.intent_id,
+                         ids.charge_id(self._secret, attempt_id), f"payonce_{attempt_id}",
+                         row["amount"], row["currency"], payment_method, c.request_id,
+                         self._commands_exchange)
+            self._event(c, EventType.INTENT_PROCESSING, updated[c.intent_id],
+                        previous={"status": row["status"]})
+            done.append((i, Applied("applied", attempts=[attempt_id])))
+        await conn.execute(INSERT_ATTEMPTS, *attempts.columns)
+        return done
+
+    async def _psp_results(
+        self, conn: Any, results: list[ApplyPSPResult]
+    ) -> list[tuple[int, Applied]]:
+        settled = {a["id"]: a for a in await conn.fetch(
+            SETTLE_ATTEMPTS, [r.attempt_id for r in results])}
+        done: list[tuple[int, Applied]] = []
+        live = [(i, r, settled[r.attempt_id]) for i, r in enumerate(results)
+                if r.attempt_id in settled]
+        for i, r in enumerate(results):
+            if r.attempt_id not in settled:
+                done.append((i, Applied("duplicate", detail="attempt already settled, or unknown")))
+        if not live:
+            return done
+        intents = {row["id"]: row for row in await conn.fetch(
+            LOCK_INTENTS, [a["payment_intent_id"] for _, _, a in live])}
+        charges = _Rows(13)
+        for _, r, a in live:
+            charges.add(a["charge_id"], r.account_id, a["payment_intent_id"], a["id"],
+                        a["amount"], a["amount"] if r.succeeded else 0, a["currency"],
+                        (ChargeStatus.SUCCEEDED if r.succeeded else ChargeStatus.FAILED).value,
+                        a["payment_method"], r.authorization_code, r.failure_code,
+                        r.failure_message, r.decline_code)
+        charge_rows = {row["attempt_id"]: row for row in await conn.fetch(
+            INSERT_CHARGES, *charges.columns)}
+        finish = _Rows(5)
+        finished: list[tuple[int, ApplyPSPResult, Any, Any, IntentStatus]] = []
+        for i, r, a in live:
+            row = intents[a["payment_intent_id"]]
+            charge = charge_rows[a["id"]]
+            action = Action.PSP_SUCCEEDED if r.succeeded else Action.PSP_DECLINED
+            try:
+                status = next_status(action, IntentStatus(row["status"]))
+            except UnexpectedState:
+                # Only a cancel moves an intent out of processing while its attempt runs.
+                log.error("psp result for an intent no longer processing",
+                          extra={"ids": {"intent": row["id"], "status": row["status"]}})
+                done.append((i, Applied("rejected", detail=f"intent is {row['status']}")))
+                continue
+            if r.succeeded:
+                finish.add(row["id"], status.value, row["amount"], charge["id"], None)
+            else:
+                finish.add(row["id"], status.value, 0, charge["id"],
+                           objects.payment_error(charge))
+            finished.append((i, r, row, charge, status))
+        if finish:
+            updated = {u["id"]: u for u in await conn.fetch(FINISH_INTENTS, *finish.columns)}
+            for i, r, row, charge, new_status in finished:
+                if r.succeeded:
+                    charge_event, intent_event = (EventType.CHARGE_SUCCEEDED,
+                                                  EventType.INTENT_SUCCEEDED)
+                else:
+                    charge_event, intent_event = (EventType.CHARGE_FAILED,
+                                                  EventType.INTENT_PAYMENT_FAILED)
+                self._event(r, charge_event, charge, rendered=objects.charge(charge))
+                self._event(r, intent_event, updated[row["id"]],
+                            previous={"status": row["status"]})
+                done.append((i, Applied("applied", detail=new_status)))
+        return done
+
+    def _event(self, command: Command, event_type: EventType, row: Any, *,
+               previous: dict[str, Any] | None = None,
+               rendered: dict[str, Any] | None = None) -> None:
+        obj = rendered or objects.payment_intent(row, self._secret)
+        event_id = ids.event_id(self._secret, obj["id"], event_type, command.message_id)
+        key = command.idempotency_key if isinstance(command, ClientCommand) else None
+        self._events.add(event_id, command.account_id, event_type.value, obj["id"], obj,
+                         previous, command.request_id, key, self._events_exchange)
