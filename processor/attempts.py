@@ -33,14 +33,17 @@ from ops.loops import Loop
 from ops.postgres import Database, is_transient
 from ops.settings import Settings
 from processor import metrics
+from processor.batches import Coalescer
 from processor.psp import PSP, PSPRejected, PSPResult, PSPUnavailable
 
 log = logging.getLogger(__name__)
 
+# Claims, results and reports of attempts running at the same time go to Postgres together,
+# one statement each (processor/batches.py, Coalescer); each attempt still sees its own row.
 CLAIM = """
 UPDATE payment_attempts
 SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
-WHERE id = $1 AND state = 'pending' AND next_try_at <= now()
+WHERE id = ANY($1::text[]) AND state = 'pending' AND next_try_at <= now()
   AND (locked_until IS NULL OR locked_until < now())
 RETURNING *
 """
@@ -51,12 +54,14 @@ WHERE id = $1
 """
 # A concurrent runner may have stored a result first: the stored one is kept and returned.
 STORE_RESULT = """
-UPDATE payment_attempts SET result = COALESCE(result, $2), updated_at = now() WHERE id = $1
-RETURNING result
+UPDATE payment_attempts a SET result = COALESCE(a.result, u.r), updated_at = now()
+FROM unnest($1::text[], $2::jsonb[]) AS u(i, r)
+WHERE a.id = u.i
+RETURNING a.id, a.result
 """
 REPORTED = """
 UPDATE payment_attempts SET state = 'reported', locked_until = NULL, updated_at = now()
-WHERE id = $1 AND state = 'pending'
+WHERE id = ANY($1::text[]) AND state = 'pending'
 """
 RETRY_LATER = """
 UPDATE payment_attempts
@@ -108,6 +113,21 @@ class AttemptRunner:
         self._waiting: dict[str, None] = {}  # insertion-ordered: first kicked, first run
         self._waiting_max = 4 * settings.psp_concurrency
         self._stopping = False
+        self._claim: Coalescer[str, Any] = Coalescer(self._claim_many)
+        self._store: Coalescer[str, Any] = Coalescer(self._store_many)
+        self._reported: Coalescer[str, None] = Coalescer(self._report_many)
+
+    async def _claim_many(self, rows: list[tuple[str, Any]]) -> dict[str, Any]:
+        claimed = await self._pool.fetch(CLAIM, [i for i, _ in rows], self._settings.psp_lease_s)
+        return {row["id"]: row for row in claimed}
+
+    async def _store_many(self, rows: list[tuple[str, Any]]) -> dict[str, Any]:
+        stored = await self._pool.fetch(STORE_RESULT, [i for i, _ in rows], [r for _, r in rows])
+        return {row["id"]: row["result"] for row in stored}
+
+    async def _report_many(self, rows: list[tuple[str, Any]]) -> dict[str, None]:
+        await self._pool.execute(REPORTED, [i for i, _ in rows])
+        return {}
 
     def kick(self, attempt_ids: list[str]) -> None:
         for attempt_id in attempt_ids:
@@ -137,7 +157,7 @@ class AttemptRunner:
 
     async def _run(self, attempt_id: str) -> None:
         try:
-            attempt = await self._pool.fetchrow(CLAIM, attempt_id, self._settings.psp_lease_s)
+            attempt = await self._claim(attempt_id)
             if attempt is None:
                 return
             with bound(request_id=attempt["request_id"], account=attempt["account_id"],
@@ -163,8 +183,9 @@ class AttemptRunner:
             return
         failpoints.hit("processor.after_psp_call")
         if stored is None:
-            result = PSPResult.from_json(
-                await self._pool.fetchval(STORE_RESULT, attempt_id, result.to_json()))
+            kept = await self._store(attempt_id, result.to_json())
+            assert kept is not None, attempt_id  # the row exists: this runner claimed it
+            result = PSPResult.from_json(kept)
         command = ApplyPSPResult(
             account_id=attempt["account_id"], intent_id=attempt["payment_intent_id"],
             request_id=attempt["request_id"] or "", accepted_at=int(time.time()),
@@ -176,7 +197,7 @@ class AttemptRunner:
                         extra={"ids": {"error": str(exc)}})
             await self._pool.execute(RETRY_LATER, attempt_id, 1.0)
             return
-        await self._pool.execute(REPORTED, attempt_id)
+        await self._reported(attempt_id)
         log.info("psp result reported", extra={"ids": {"succeeded": result.succeeded}})
 
     async def _call_psp(self, attempt: Any) -> PSPResult | None:

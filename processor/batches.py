@@ -23,8 +23,10 @@ The protocol, and why it keeps every guarantee of applying one command at a time
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 from contracts import ids, objects
 from contracts.commands import ApplyPSPResult, ClientCommand, Command, ConfirmIntent, CreateIntent
@@ -35,6 +37,9 @@ from contracts.transitions import Action, next_status
 from processor.intents import Applied
 
 log = logging.getLogger(__name__)
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 INSERT_INBOX = """
 INSERT INTO inbox (account_id, idempotency_key, fingerprint, command, object_id, outcome,
@@ -318,3 +323,46 @@ class Batch:
         key = command.idempotency_key if isinstance(command, ClientCommand) else None
         self._events.add(event_id, command.account_id, event_type.value, obj["id"], obj,
                          previous, command.request_id, key, self._events_exchange)
+
+
+class Coalescer(Generic[K, V]):
+    """Single-row calls made while one is under way run together, as one statement.
+
+    `await coalescer(key, value)` queues a row and returns what `run` answered for its key
+    (None when it returned nothing for it). The first call starts a flush at the next turn of
+    the loop; calls arriving while a flush runs wait for the next one, so the rows per
+    statement grow with the load and a lone call goes at once. If `run` raises, every call of
+    that flush raises it, as the single statement would have.
+    """
+
+    def __init__(self, run: Callable[[list[tuple[K, Any]]], Awaitable[Mapping[K, V]]]) -> None:
+        self._run = run
+        self._pending: list[tuple[K, Any, asyncio.Future[V | None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def __call__(self, key: K, value: Any = None) -> V | None:
+        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((key, value, future))
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                await asyncio.sleep(0)  # let the calls of this turn of the loop join
+                rows, self._pending = self._pending, []
+                try:
+                    answers = await self._run([(key, value) for key, value, _ in rows])
+                except BaseException as exc:
+                    for _, _, future in rows:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for key, _, future in rows:
+                    if not future.done():
+                        future.set_result(answers.get(key))
+        finally:
+            self._flushing = None
