@@ -31,10 +31,16 @@ from typing import Any, Generic, TypeVar
 from contracts import ids, objects
 from contracts.commands import ApplyPSPResult, ClientCommand, Command, ConfirmIntent, CreateIntent
 from contracts.enums import ChargeStatus, EventType, IntentStatus
-from contracts.errors import PayonceError, ResourceMissing, UnexpectedState
+from contracts.errors import PayonceError, ResourceMissing
 from contracts.topology import Topology
 from contracts.transitions import Action, next_status
-from processor.intents import Applied
+from processor.intents import (
+    Applied,
+    event_values,
+    missing_payment_method,
+    outcome_events,
+    psp_transition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +188,7 @@ class Batch:
         for i, c in fresh:
             if isinstance(c, CreateIntent) and c.confirm and c.payment_method is None:
                 # Refused whole, as the single path's savepoint refuses it: no intent either.
-                exc = UnexpectedState("You cannot confirm this PaymentIntent because it's "
-                                      "missing a payment method.", param="payment_method")
+                exc = missing_payment_method()
                 rejected.add(c.account_id, c.idempotency_key, exc.body()["error"])
                 done.append((i, Applied("rejected", detail=exc.message)))
             elif isinstance(c, CreateIntent):
@@ -223,8 +228,7 @@ class Batch:
                     payment_method = c.payment_method or row["payment_method"]
                 next_status(Action.CONFIRM, IntentStatus(row["status"]))
                 if payment_method is None:
-                    raise UnexpectedState("You cannot confirm this PaymentIntent because it's "
-                                          "missing a payment method.", param="payment_method")
+                    raise missing_payment_method()
             except PayonceError as exc:
                 rejected.add(c.account_id, c.idempotency_key, exc.body()["error"])
                 done.append((i, Applied("rejected", detail=exc.message)))
@@ -285,13 +289,8 @@ class Batch:
         for i, r, a in live:
             row = intents[a["payment_intent_id"]]
             charge = charge_rows[a["id"]]
-            action = Action.PSP_SUCCEEDED if r.succeeded else Action.PSP_DECLINED
-            try:
-                status = next_status(action, IntentStatus(row["status"]))
-            except UnexpectedState:
-                # Only a cancel moves an intent out of processing while its attempt runs.
-                log.error("psp result for an intent no longer processing",
-                          extra={"ids": {"intent": row["id"], "status": row["status"]}})
+            status = psp_transition(r, row)
+            if status is None:
                 done.append((i, Applied("rejected", detail=f"intent is {row['status']}")))
                 continue
             if r.succeeded:
@@ -303,12 +302,7 @@ class Batch:
         if finish:
             updated = {u["id"]: u for u in await conn.fetch(FINISH_INTENTS, *finish.columns)}
             for i, r, row, charge, new_status in finished:
-                if r.succeeded:
-                    charge_event, intent_event = (EventType.CHARGE_SUCCEEDED,
-                                                  EventType.INTENT_SUCCEEDED)
-                else:
-                    charge_event, intent_event = (EventType.CHARGE_FAILED,
-                                                  EventType.INTENT_PAYMENT_FAILED)
+                charge_event, intent_event = outcome_events(r.succeeded)
                 self._event(r, charge_event, charge, rendered=objects.charge(charge))
                 self._event(r, intent_event, updated[row["id"]],
                             previous={"status": row["status"]})
@@ -318,11 +312,8 @@ class Batch:
     def _event(self, command: Command, event_type: EventType, row: Any, *,
                previous: dict[str, Any] | None = None,
                rendered: dict[str, Any] | None = None) -> None:
-        obj = rendered or objects.payment_intent(row, self._secret)
-        event_id = ids.event_id(self._secret, obj["id"], event_type, command.message_id)
-        key = command.idempotency_key if isinstance(command, ClientCommand) else None
-        self._events.add(event_id, command.account_id, event_type.value, obj["id"], obj,
-                         previous, command.request_id, key, self._events_exchange)
+        self._events.add(*event_values(self._secret, self._events_exchange, command,
+                                       event_type, row, previous=previous, rendered=rendered))
 
 
 class Coalescer(Generic[K, V]):

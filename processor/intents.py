@@ -90,6 +90,43 @@ class Applied:
     detail: str = ""
 
 
+def missing_payment_method() -> UnexpectedState:
+    return UnexpectedState("You cannot confirm this PaymentIntent because it's missing a "
+                           "payment method.", param="payment_method")
+
+
+def psp_transition(result: ApplyPSPResult, row: Any) -> IntentStatus | None:
+    """Where a PSP result takes its intent, or None when the intent is no longer processing
+    (logged: only a cancel moves an intent out of processing while its attempt runs)."""
+    action = Action.PSP_SUCCEEDED if result.succeeded else Action.PSP_DECLINED
+    try:
+        return next_status(action, IntentStatus(row["status"]))
+    except UnexpectedState:
+        log.error("psp result for an intent no longer processing",
+                  extra={"ids": {"intent": row["id"], "status": row["status"]}})
+        return None
+
+
+def outcome_events(succeeded: bool) -> tuple[EventType, EventType]:
+    """(the charge's event, the intent's event) of a PSP result."""
+    if succeeded:
+        return EventType.CHARGE_SUCCEEDED, EventType.INTENT_SUCCEEDED
+    return EventType.CHARGE_FAILED, EventType.INTENT_PAYMENT_FAILED
+
+
+def event_values(
+    secret: bytes, exchange: str, command: Command, event_type: EventType, row: Any, *,
+    previous: dict[str, Any] | None = None, rendered: dict[str, Any] | None = None,
+) -> tuple[Any, ...]:
+    """The columns of an events row (INSERT_EVENT's parameters), its id derived from the
+    object, the type and the command, so a command applied again writes the same event."""
+    obj = rendered or objects.payment_intent(row, secret)
+    event_id = ids.event_id(secret, obj["id"], event_type, command.message_id)
+    key = command.idempotency_key if isinstance(command, ClientCommand) else None
+    return (event_id, command.account_id, event_type.value, obj["id"], obj, previous,
+            command.request_id, key, exchange)
+
+
 class Intents:
     def __init__(self, pool: Any, secret: bytes, topology: Topology) -> None:
         self._pool = pool
@@ -152,8 +189,7 @@ class Intents:
     ) -> Applied:
         next_status(Action.CONFIRM, IntentStatus(row["status"]))
         if payment_method is None:
-            raise UnexpectedState("You cannot confirm this PaymentIntent because it's missing a "
-                                  "payment method.", param="payment_method")
+            raise missing_payment_method()
         attempt_id = ids.attempt_id(self._secret, c.intent_id, c.idempotency_key)
         updated = await conn.fetchrow(START_ATTEMPT, c.intent_id, payment_method)
         await conn.execute(
@@ -175,22 +211,16 @@ class Intents:
             ChargeStatus.SUCCEEDED if r.succeeded else ChargeStatus.FAILED,
             attempt["payment_method"], r.authorization_code, r.failure_code,
             r.failure_message, r.decline_code)
-        action = Action.PSP_SUCCEEDED if r.succeeded else Action.PSP_DECLINED
-        try:
-            status = next_status(action, IntentStatus(row["status"]))
-        except UnexpectedState:
-            # Only a cancel moves an intent out of processing while its attempt runs.
-            log.error("psp result for an intent no longer processing",
-                      extra={"ids": {"intent": row["id"], "status": row["status"]}})
+        status = psp_transition(r, row)
+        if status is None:
             return Applied("rejected", detail=f"intent is {row['status']}")
         if r.succeeded:
             updated = await conn.fetchrow(FINISH_INTENT, row["id"], status, row["amount"],
                                           charge["id"], None)
-            charge_event, intent_event = EventType.CHARGE_SUCCEEDED, EventType.INTENT_SUCCEEDED
         else:
             updated = await conn.fetchrow(FINISH_INTENT, row["id"], status, 0, charge["id"],
                                           objects.payment_error(charge))
-            charge_event, intent_event = EventType.CHARGE_FAILED, EventType.INTENT_PAYMENT_FAILED
+        charge_event, intent_event = outcome_events(r.succeeded)
         await self._event(conn, r, charge_event, charge, rendered=objects.charge(charge))
         await self._event(conn, r, intent_event, updated, previous={"status": row["status"]})
         return Applied("applied", detail=status)
@@ -205,8 +235,6 @@ class Intents:
         previous: dict[str, Any] | None = None,
         rendered: dict[str, Any] | None = None,
     ) -> None:
-        obj = rendered or objects.payment_intent(row, self._secret)
-        event_id = ids.event_id(self._secret, obj["id"], event_type, command.message_id)
-        key = command.idempotency_key if isinstance(command, ClientCommand) else None
-        await conn.execute(INSERT_EVENT, event_id, command.account_id, event_type, obj["id"],
-                           obj, previous, command.request_id, key, self._events_exchange)
+        await conn.execute(INSERT_EVENT, *event_values(
+            self._secret, self._events_exchange, command, event_type, row, previous=previous,
+            rendered=rendered))
