@@ -55,14 +55,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-ROLES = ("processor", "edge", "dispatcher")
+ROLES = ("processor", "edge", "dispatcher", "relay")
 # Every event should be delivered long before this once the payments settled.
 DELIVERY_WAIT_S = 120.0
 
 
-def _start(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+def _start(env: dict[str, str], roles: tuple[str, ...]) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen([sys.executable, "-m", "ops.cli", role], env=env)
-            for role in ROLES]
+            for role in roles]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -183,7 +183,8 @@ async def _run(session: aiohttp.ClientSession, n: int, concurrency: int,
     return time.perf_counter() - started, latencies, results
 
 
-async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> None:
+async def bench(settings: Settings, n: int, concurrency: int, latency: str,
+                relay_apart: bool) -> None:
     db = urlsplit(settings.database_url)
     database_url = urlunsplit(db._replace(path=f"{db.path.rstrip('/')}_test"))
     await migrate(database_url)
@@ -204,10 +205,13 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
            "PAYONCE_EDGE_HOST": "127.0.0.1", "PAYONCE_PSP_LATENCY_MS": latency,
            "PAYONCE_PROCESSOR_METRICS_PORT": str(_free_port()),
            "PAYONCE_DISPATCHER_METRICS_PORT": str(_free_port()),
+           "PAYONCE_RELAY_METRICS_PORT": str(_free_port()),
+           "PAYONCE_PROCESSOR_RELAY": "false" if relay_apart else "true",
            # The receiver is on 127.0.0.1.
            "PAYONCE_WEBHOOK_ALLOW_PRIVATE": "true", "PAYONCE_LOG_LEVEL": "WARNING"}
-    procs = _start(env)
-    dispatcher = procs[ROLES.index("dispatcher")]
+    roles = ROLES if relay_apart else tuple(r for r in ROLES if r != "relay")
+    procs = _start(env, roles)
+    dispatcher = procs[roles.index("dispatcher")]
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {account['secret_key']}"}
     keys = [str(uuid.uuid4()) for _ in range(n)]
@@ -235,7 +239,7 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
                     assert resp.status in (200, 425)
                     await resp.read()
 
-            meter = CPUMeter({role: proc.pid for role, proc in zip(ROLES, procs, strict=True)})
+            meter = CPUMeter({role: proc.pid for role, proc in zip(roles, procs, strict=True)})
             accept_s, accept_lat, ids = await _run(session, n, concurrency, post)
             settle_started = time.perf_counter()
             while True:
@@ -259,9 +263,12 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
                 if time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.05)
+            published = {r["id"]: r["published_at"].timestamp() for r in await conn.fetch(
+                "SELECT id, published_at FROM events WHERE account_id = $1 "
+                "AND published_at IS NOT NULL", account["account"])}
             dispatcher_cpu_s = _cpu_seconds(dispatcher.pid)
             open_loop = [await _open_loop(session, base, rate, body) for rate in OPEN_LOOP_RATES]
-            peak_rss = {role: _peak_rss_mb(proc.pid) for role, proc in zip(ROLES, procs,
+            peak_rss = {role: _peak_rss_mb(proc.pid) for role, proc in zip(roles, procs,
                                                                            strict=True)}
     finally:
         for proc in procs:
@@ -276,13 +283,14 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str) -> N
 
     delivered = {i: t for i, t in receiver.first_seen.items() if i in events}
     lags = [t - events[i] for i, t in delivered.items()]
+    relay_lags = [t - events[i] for i, t in published.items()]
     deliver_s = max(delivered.values()) - min(events.values())
     deliver_rate = len(delivered) / deliver_s
     cpu = _cpu()
     print(f"""
 payonce benchmark: {n} payments, {concurrency} concurrent clients, PSP latency {latency} ms
-machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, one edge and one
-processor process, PostgreSQL/Redis/RabbitMQ on the same machine
+machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, one process each of
+{", ".join(roles)}, PostgreSQL/Redis/RabbitMQ on the same machine
 
 | what | rate | latency |
 |---|---|---|
@@ -292,6 +300,7 @@ processor process, PostgreSQL/Redis/RabbitMQ on the same machine
 | read (GET intent) | {n / read_s:.0f}/s | {_percentiles(read_lat)} |
 | deliver (webhooks, {len(delivered)} of {len(events)} events) | {deliver_rate:.0f}/s \
 | lag {_percentiles(lags)} |
+| relay (event committed → published to RabbitMQ) | | lag {_percentiles(relay_lags)} |
 
 CPU per settled payment, from the first POST until all {n} succeeded (/proc; every process
 on the machine with these names, so other load on it counts too):
@@ -364,8 +373,12 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000, help="payments (default 2000)")
     parser.add_argument("-c", "--concurrency", type=int, default=50)
     parser.add_argument("--psp-latency", default="100-400", help="ms, LOW-HIGH")
+    parser.add_argument("--relay", choices=("apart", "processor"), default="apart",
+                        help="run the outbox relay as its own process (default) or inside "
+                             "the processor")
     args = parser.parse_args()
-    asyncio.run(bench(Settings.from_env(), args.n, args.concurrency, args.psp_latency))
+    asyncio.run(bench(Settings.from_env(), args.n, args.concurrency, args.psp_latency,
+                      args.relay == "apart"))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from ops.migrate import migrate
 from ops.settings import Settings, SettingsError
 from processor.app import Processor
 from processor.dispatcher import Dispatcher
+from processor.outbox import RelayService
 
 log = logging.getLogger("payonce")
 
@@ -35,17 +36,21 @@ EDGE_SHUTDOWN_S = 15.0
 
 
 async def serve(settings: Settings, *, edge: bool, processor: bool,
-                dispatcher: bool = False) -> None:
-    """Run the edge, the processor and/or the webhook dispatcher until SIGINT or SIGTERM,
-    then stop gracefully: the edge stops accepting and finishes its requests, the processor
-    finishes its commands, the dispatcher its delivery attempts."""
+                dispatcher: bool = False, relay: bool = False) -> None:
+    """Run the edge, the processor, the webhook dispatcher and/or the outbox relay until
+    SIGINT or SIGTERM, then stop gracefully: the edge stops accepting and finishes its
+    requests, the processor finishes its commands, the dispatcher its delivery attempts, the
+    relay its batch of events."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     worker = Processor(settings) if processor else None
     sender = Dispatcher(settings) if dispatcher else None
+    relayer = RelayService(settings) if relay else None
     runner: web.AppRunner | None = None
+    if relayer is not None:
+        await relayer.start()
     if worker is not None:
         await worker.start()
     if sender is not None:
@@ -64,6 +69,8 @@ async def serve(settings: Settings, *, edge: bool, processor: bool,
         await worker.stop()
     if sender is not None:
         await sender.stop()
+    if relayer is not None:
+        await relayer.stop()
 
 
 async def _create_account(settings: Settings, name: str) -> dict[str, str]:
@@ -166,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     edge.add_argument("--host", help="listen address (default PAYONCE_EDGE_HOST, 0.0.0.0)")
     sub.add_parser("processor", help="run the processor (consumers, PSP attempts, outbox)")
     sub.add_parser("dispatcher", help="run the webhook dispatcher (deliveries and retries)")
+    sub.add_parser("relay", help="run the outbox relay alone (with PAYONCE_PROCESSOR_RELAY="
+                                 "false on the processors)")
     sub.add_parser("migrate", help="apply database migrations")
     account = sub.add_parser("account", help="manage accounts")
     account_sub = account.add_subparsers(dest="account_command", required=True, metavar="ACTION")
@@ -220,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         # A developer at a terminal reads text; everything else gets JSON lines.
         human = args.command in ("dev", "listen") and "PAYONCE_LOG_FORMAT" not in os.environ
         logs.setup("text" if human else settings.log_format, settings.log_level)
-        if args.command in ("edge", "processor", "dispatcher"):
+        if args.command in ("edge", "processor", "dispatcher", "relay"):
             settings.secret_bytes  # noqa: B018  (a clear error before anything starts)
             asyncio.run(serve(settings, edge=args.command == "edge",
                               processor=args.command == "processor",
-                              dispatcher=args.command == "dispatcher"))
+                              dispatcher=args.command == "dispatcher",
+                              relay=args.command == "relay"))
         elif args.command == "listen":
             return _listen(settings, args)
         elif args.command == "migrate":

@@ -100,6 +100,10 @@ class Settings:
     # An endpoint whose every attempt failed for this long is disabled, with an event.
     webhook_disable_after_s: float = 3 * 24 * 3600
     dispatcher_metrics_port: int = 9102
+    # The outbox relay runs inside the processor unless this is off; then `payonce relay` runs
+    # it as a process of its own, whose timing does not depend on the processor's load.
+    processor_relay: bool = True
+    relay_metrics_port: int = 9103
     # How often the sweeper looks for attempts and events that a crash left behind.
     sweep_interval_s: float = 1.0
     shutdown_grace_s: float = 20.0

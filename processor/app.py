@@ -1,6 +1,6 @@
-"""The processor process: partition consumers, PSP attempts, and three background loops (the
-attempt sweeper, the outbox relay, the dead-letter watcher), plus `/health`, `/ready` and
-`/metrics` on their own port."""
+"""The processor process: partition consumers, PSP attempts, and background loops (the
+attempt sweeper, the dead-letter watcher and, unless `payonce relay` runs it apart, the outbox
+relay), plus `/health`, `/ready` and `/metrics` on their own port."""
 
 from __future__ import annotations
 
@@ -26,15 +26,11 @@ from processor.batches import Batch
 from processor.consumer import Gate, PartitionConsumer
 from processor.deadletters import DeadLetterWatcher
 from processor.intents import Intents
-from processor.outbox import OutboxRelay
+from processor.outbox import OutboxRelay, read_outbox_lag, stale_after_s
 from processor.psp import SimulatedPSP
 
 log = logging.getLogger(__name__)
 
-OLDEST_UNPUBLISHED = """
-SELECT extract(epoch FROM now() - created) FROM events
-WHERE exchange = $1 AND published_at IS NULL ORDER BY seq LIMIT 1
-"""
 QUEUE_FOR_CONNECTION_S = 60.0
 CLOSE_TIMEOUT_S = 5.0
 # Far longer than any PSP call with its retries, far shorter than a person would wait.
@@ -92,17 +88,16 @@ class Processor:
                 s.prefetch, pool, gate, batch=lambda: Batch(s.secret_bytes, topology))
             await consumer.start()
             self._consumers.append(consumer)
-        relay = OutboxRelay(s.database_url, connection, topology, s.sweep_interval_s,
-                            s.publish_timeout_s)
         watcher = DeadLetterWatcher(connection, topology, pending)
-        # A loop is stalled when it has not shown progress for a few of its own rounds, or for
-        # longer than a database or broker call may take.
-        stale_s = max(10 * s.sweep_interval_s, 3 * max(s.db_timeout_s, s.publish_timeout_s))
+        stale_s = stale_after_s(s)
         self._loops = [
             Loop("attempt_sweeper", self.attempts.sweep, stale_after_s=stale_s),
-            Loop("outbox_relay", relay.run, stale_after_s=stale_s),
             Loop("dead_letter_watcher", watcher.run, stale_after_s=stale_s),
         ]
+        if s.processor_relay:
+            relay = OutboxRelay(s.database_url, connection, topology, s.sweep_interval_s,
+                                s.publish_timeout_s)
+            self._loops.append(Loop("outbox_relay", relay.run, stale_after_s=stale_s))
         for loop in self._loops:
             loop.start()
         await self._serve_health()
@@ -125,13 +120,11 @@ class Processor:
     async def _read_gauges(self) -> None:
         """Gauges read from the source of truth at every scrape; NaN when it cannot be read."""
         timeout = self.settings.db_timeout_s
+        await read_outbox_lag(self._pool, self._topology.events)
         try:
-            lag = await self._pool.fetchval(OLDEST_UNPUBLISHED, self._topology.events)
-            metrics.OUTBOX_LAG.set(float(lag or 0.0))
             metrics.INTENTS_STUCK.set(await self._pool.fetchval(STUCK_INTENTS, STUCK_AFTER_S))
         except Exception as exc:
-            log.warning("could not read the outbox lag", extra={"ids": {"error": repr(exc)}})
-            metrics.OUTBOX_LAG.set(math.nan)
+            log.warning("could not count stuck intents", extra={"ids": {"error": repr(exc)}})
             metrics.INTENTS_STUCK.set(math.nan)
         try:
             async with asyncio.timeout(timeout):

@@ -11,23 +11,33 @@ webhook queue, declared in contracts/topology.py, always binds them all). An eve
 back unrouted, or is refused, or is not confirmed in time, is not marked: the batch fails and
 the relay's loop (ops.loops.Loop) runs again, with a new connection and channel, after a
 backoff. So a broker or database restart only delays events, and the relay never stops.
+
+The relay runs inside the processor (`Processor`), or alone (`RelayService`, `payonce relay`,
+with `PAYONCE_PROCESSOR_RELAY=false` on the processors). Alone, it is a light process the
+operating system schedules promptly however busy the processor is: a relay sharing the
+processor's event loop waits its turn behind every command in hand, and events leave late
+exactly when payments are many.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import zlib
 from typing import Any
 
 import aio_pika
 import orjson
+from aiohttp import web
 from pamqp.commands import Basic
 
 from contracts import objects
 from contracts.topology import Topology, declare_events
+from ops.health import metrics_response, readiness, serve
 from ops.loops import Loop
-from ops.postgres import connect
+from ops.postgres import Database, connect, create_pool
+from ops.settings import Settings
 from processor import metrics
 
 log = logging.getLogger(__name__)
@@ -37,6 +47,28 @@ UNPUBLISHED = """
 SELECT * FROM events WHERE exchange = $1 AND published_at IS NULL ORDER BY seq LIMIT $2
 """
 MARK_PUBLISHED = "UPDATE events SET published_at = now() WHERE seq = ANY($1::bigint[])"
+OLDEST_UNPUBLISHED = """
+SELECT extract(epoch FROM now() - created) FROM events
+WHERE exchange = $1 AND published_at IS NULL ORDER BY seq LIMIT 1
+"""
+CLOSE_TIMEOUT_S = 5.0
+
+
+def stale_after_s(settings: Settings) -> float:
+    """A loop is stalled when it has not shown progress for a few of its own rounds, or for
+    longer than a database or broker call may take."""
+    return max(10 * settings.sweep_interval_s,
+               3 * max(settings.db_timeout_s, settings.publish_timeout_s))
+
+
+async def read_outbox_lag(db: Database, events_exchange: str) -> None:
+    """Sets the outbox-lag gauge from Postgres (NaN when it cannot be read)."""
+    try:
+        lag = await db.fetchval(OLDEST_UNPUBLISHED, events_exchange)
+        metrics.OUTBOX_LAG.set(float(lag or 0.0))
+    except Exception as exc:
+        log.warning("could not read the outbox lag", extra={"ids": {"error": repr(exc)}})
+        metrics.OUTBOX_LAG.set(math.nan)
 
 
 class RelayError(Exception):
@@ -130,3 +162,54 @@ class OutboxRelay:
                     if not isinstance(c, Basic.Ack)]
         if unrouted:
             raise RelayError(f"{len(unrouted)} event(s) reached no queue, e.g. {unrouted[0]}")
+
+
+class RelayService:
+    """`payonce relay`: the outbox relay as a process of its own, with `/health`, `/ready` and
+    `/metrics` on `relay_metrics_port`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._closers: list[Any] = []
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self._topology = Topology(s.amqp_prefix, s.partitions)
+        # For readiness and the lag gauge; the relay holds a connection of its own.
+        self._pool: Database = await create_pool(
+            s.database_url, timeout_s=s.db_timeout_s, acquire_timeout_s=s.db_timeout_s,
+            min_size=1, max_size=2)
+        self._closers.append(self._pool.close)
+        self._amqp = await aio_pika.connect_robust(
+            s.amqp_url, client_properties={"connection_name": "payonce-relay"})
+        self._closers.append(self._amqp.close)
+        relay = OutboxRelay(s.database_url, self._amqp, self._topology, s.sweep_interval_s,
+                            s.publish_timeout_s)
+        self.loop = Loop("outbox_relay", relay.run, stale_after_s=stale_after_s(s))
+        self.loop.start()
+        self._runner = await serve(s.processor_host, s.relay_metrics_port, ready=self._ready,
+                                   metrics=self._metrics)
+        self.port = self._runner.addresses[0][1]
+        log.info("relay started", extra={"ids": {"exchange": self._topology.events}})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        return await readiness(db=self._pool, redis=None, amqp=self._amqp, loops=[self.loop])
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        await read_outbox_lag(self._pool, self._topology.events)
+        return await metrics_response()
+
+    async def stop(self) -> None:
+        log.info("relay stopping")
+        await self.loop.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for close in reversed(self._closers):
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await close()
+            except Exception as exc:
+                log.warning("close failed", extra={"ids": {"error": repr(exc)}})
+        log.info("relay stopped")

@@ -336,10 +336,11 @@ def procs() -> Iterable[list[Proc]]:
 async def start_proc(
     kind: str, settings: Settings, procs: list[Proc], tmp_path: Path, **env: str
 ) -> Proc:
-    """An edge, processor or dispatcher subprocess with these settings, once its /health
-    answers."""
+    """An edge, processor, dispatcher or relay subprocess with these settings, once its
+    /health answers."""
     port = {"edge": settings.edge_port, "processor": settings.processor_metrics_port,
-            "dispatcher": settings.dispatcher_metrics_port}[kind]
+            "dispatcher": settings.dispatcher_metrics_port,
+            "relay": settings.relay_metrics_port}[kind]
     assert port, "give the subprocess a fixed port to wait for"
     log_path = tmp_path / f"{kind}-{len(procs)}.log"
     proc = Proc([kind], settings_env(settings, **env), log_path).start()

@@ -1,5 +1,5 @@
 """The Grafana dashboard shows what payonce exports: a real Prometheus scrapes a real stack
-(edge, processor and dispatcher processes, and RabbitMQ's plugin) that has just processed
+(edge, processor, relay and dispatcher processes, and RabbitMQ's plugin) that has just processed
 payments and delivered their webhooks, and every expression of every panel parses and
 returns data, and names only metrics some process exports."""
 
@@ -81,8 +81,10 @@ async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[An
 async def test_every_panel_returns_data_from_a_real_stack(
     migrated: None, procs: list[Proc], tmp_path: Path
 ) -> None:
+    # As docker-compose.yml runs it: the relay in a process of its own.
     settings = make_settings(edge_port=free_port(), processor_metrics_port=free_port(),
-                             dispatcher_metrics_port=free_port())
+                             dispatcher_metrics_port=free_port(), relay_metrics_port=free_port(),
+                             processor_relay=False)
     received: list[str] = []
 
     async def receiver(request: web.Request) -> web.Response:
@@ -99,6 +101,7 @@ async def test_every_panel_returns_data_from_a_real_stack(
         async with stack(settings, processor=False, edge=False) as s:
             await start_proc("edge", settings, procs, tmp_path)
             await start_proc("processor", settings, procs, tmp_path)
+            await start_proc("relay", settings, procs, tmp_path)
             dispatcher = Proc(["dispatcher"], settings_env(settings),
                               tmp_path / "dispatcher.log").start()
             procs.append(dispatcher)
@@ -112,6 +115,7 @@ async def test_every_panel_returns_data_from_a_real_stack(
             targets = {"payonce-edge": f"127.0.0.1:{settings.edge_port}",
                        "payonce-processor": f"127.0.0.1:{settings.processor_metrics_port}",
                        "payonce-dispatcher": f"127.0.0.1:{settings.dispatcher_metrics_port}",
+                       "payonce-relay": f"127.0.0.1:{settings.relay_metrics_port}",
                        "rabbitmq": RABBITMQ_METRICS.removeprefix("http://")}
             async with prometheus(targets, tmp_path) as base, aiohttp.ClientSession() as session:
                 cards = [DECLINED if i % 4 == 0 else VISA for i in range(24)]

@@ -1,0 +1,55 @@
+"""`payonce relay`: the outbox relay as a process of its own, for processors that run with
+PAYONCE_PROCESSOR_RELAY=false. Nothing is published until it runs; then every event is, and
+it stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import Proc, free_port, make_settings, stack, start_proc
+from tests.support import EventTap
+
+
+async def test_events_wait_for_the_relay_process_then_all_leave(
+        procs: list[Proc], tmp_path: Path) -> None:
+    settings = make_settings(processor_relay=False, relay_metrics_port=free_port())
+    async with stack(settings) as s, EventTap(settings).bound() as tap:
+        api = await s.client()
+        created = await api.create(amount=1500, currency="usd", payment_method="pm_card_visa",
+                                   confirm="true")
+        assert created.status == 202
+        await api.wait_for(created.body["id"], {"succeeded"})
+        rows = await s.db.fetch(
+            "SELECT id, published_at FROM events WHERE account_id = $1", api.account_id)
+        assert len(rows) == 4
+        # The processor runs no relay: its events stay in the outbox.
+        assert all(r["published_at"] is None for r in rows)
+        assert s.processor is not None
+        ready = await s.session.get(f"http://127.0.0.1:{s.processor.port}/ready")
+        assert "outbox_relay" not in (await ready.json())["checks"]
+
+        relay = await start_proc("relay", settings, procs, tmp_path)
+        await tap.receive({r["id"] for r in rows})
+        # Marked once RabbitMQ confirmed them, just after they reached the tap.
+        deadline = time.monotonic() + 20
+        while await s.db.fetchval(
+                "SELECT count(*) FROM events WHERE account_id = $1 AND published_at IS NULL",
+                api.account_id):
+            assert time.monotonic() < deadline, "events published but never marked"
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{settings.relay_metrics_port}"
+            async with session.get(f"{url}/ready") as resp:
+                body = await resp.json()
+                assert resp.status == 200, body
+                assert body["checks"] == {"postgres": "ok", "rabbitmq": "ok",
+                                          "outbox_relay": "ok"}
+            async with session.get(f"{url}/metrics") as resp:
+                text = await resp.text()
+                assert "payonce_processor_events_published_total 4.0" in text
+                assert "payonce_processor_outbox_lag_seconds 0.0" in text
+        assert await relay.sigterm(within_s=20) == 0
