@@ -26,6 +26,7 @@ from prometheus_client import REGISTRY
 
 from contracts.topology import Topology
 from processor.signing import signature_headers
+from processor.webhook_intake import Acks
 from tests.conftest import Client, Stack, make_settings, settings_env, stack
 from tests.support import DECLINED, EXPECTED_EVENTS, VISA, create
 from tests.webhook_support import (
@@ -542,3 +543,29 @@ async def test_payonce_listen_forwards_deliveries_and_deletes_its_endpoint_on_ex
         if listen.poll() is None:
             listen.kill()
             listen.wait(10)
+
+
+class _Delivered:
+    def __init__(self, tag: int, acks: list[tuple[int, bool]]) -> None:
+        self.delivery_tag = tag
+        self._acks = acks
+
+    async def ack(self, multiple: bool = False) -> None:
+        self._acks.append((self.delivery_tag, multiple))
+
+
+async def test_intake_acks_a_batch_in_one_frame_only_when_nothing_before_it_is_unacked() -> None:
+    acks: list[tuple[int, bool]] = []
+    intake_acks = Acks()
+
+    async def ack(*tags: int) -> list[tuple[int, bool]]:
+        acks.clear()
+        await intake_acks.ack([_Delivered(t, acks) for t in tags])  # type: ignore[misc]
+        return list(acks)
+
+    assert await ack(1, 2, 3) == [(3, True)]
+    # Tag 5 is still in the inbox: a multiple ack of 6 would ack it unrecorded.
+    assert await ack(4, 6) == [(4, False), (6, False)]
+    assert await ack(5) == [(5, True)]
+    assert await ack(8, 7) == [(8, True)]
+    assert await ack(9) == [(9, True)]
