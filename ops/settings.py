@@ -94,9 +94,11 @@ class Settings:
     # 10 h, 24 h.
     webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,86400"
     # Deliveries under way at once per dispatcher, and per endpoint: one slow endpoint holds at
-    # most its own share.
+    # most its own share. One endpoint receives at most this many deliveries per round trip
+    # (claim, POST, settle): 32 at a few tens of milliseconds each keep up with every event of
+    # a processor's full rate going to one endpoint, and a hanging one holds an eighth.
     webhook_concurrency: int = 256
-    webhook_endpoint_concurrency: int = 8
+    webhook_endpoint_concurrency: int = 32
     # An endpoint whose every attempt failed for this long is disabled, with an event.
     webhook_disable_after_s: float = 3 * 24 * 3600
     dispatcher_metrics_port: int = 9102
