@@ -19,7 +19,7 @@ from aiohttp import web
 
 from contracts.topology import TopologyMismatch
 from edge.app import create_app
-from ops import dashboard, definitions, logs, trace
+from ops import dashboard, definitions, logs, trace, workers
 from ops.accounts import create_account
 from ops.deadletters import list_dead, replay_dead
 from ops.listen import Listener, ListenError, listen
@@ -59,7 +59,8 @@ async def serve(settings: Settings, *, edge: bool, processor: bool,
         runner = web.AppRunner(create_app(settings), access_log=None,
                                shutdown_timeout=EDGE_SHUTDOWN_S)
         await runner.setup()
-        await web.TCPSite(runner, settings.edge_host, settings.edge_port).start()
+        await web.TCPSite(runner, settings.edge_host, settings.edge_port,
+                          reuse_port=settings.edge_reuse_port or None).start()
         log.info("edge listening", extra={"ids": {"port": settings.edge_port}})
     await stop.wait()
     log.info("stopping")
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     edge = sub.add_parser("edge", help="run the HTTP edge")
     edge.add_argument("--port", type=int, help="listen port (default PAYONCE_EDGE_PORT, 8080)")
     edge.add_argument("--host", help="listen address (default PAYONCE_EDGE_HOST, 0.0.0.0)")
+    edge.add_argument("--workers", type=int,
+                      help="edge processes sharing the port (default PAYONCE_EDGE_WORKERS, 1)")
     sub.add_parser("processor", help="run the processor (consumers, PSP attempts, outbox)")
     sub.add_parser("dispatcher", help="run the webhook dispatcher (deliveries and retries)")
     sub.add_parser("relay", help="run the outbox relay alone (with PAYONCE_PROCESSOR_RELAY="
@@ -226,9 +229,16 @@ def main(argv: list[str] | None = None) -> int:
             settings = settings.with_(edge_port=args.port)
         if getattr(args, "host", None):
             settings = settings.with_(edge_host=args.host)
+        if getattr(args, "workers", None) is not None:
+            settings = settings.with_(edge_workers=args.workers)
         # A developer at a terminal reads text; everything else gets JSON lines.
         human = args.command in ("dev", "listen") and "PAYONCE_LOG_FORMAT" not in os.environ
         logs.setup("text" if human else settings.log_format, settings.log_level)
+        if args.command == "edge" and settings.edge_workers > 1:
+            settings.secret_bytes  # noqa: B018  (a clear error before anything starts)
+            passed = [a for flag, value in (("--host", args.host), ("--port", args.port))
+                      if value for a in (flag, str(value))]
+            return workers.supervise(settings.edge_workers, passed)
         if args.command in ("edge", "processor", "dispatcher", "relay"):
             settings.secret_bytes  # noqa: B018  (a clear error before anything starts)
             asyncio.run(serve(settings, edge=args.command == "edge",

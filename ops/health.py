@@ -3,6 +3,7 @@ its background loops are alive), the same for every payonce process."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -10,7 +11,7 @@ import aio_pika
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from ops.loops import Loop
 
@@ -66,4 +67,12 @@ async def serve(
 
 
 async def metrics_response() -> web.Response:
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    """The process's metrics; those of every worker together when it is one of several
+    edge workers (ops/workers.py)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        body = generate_latest(registry)
+    else:
+        body = generate_latest()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

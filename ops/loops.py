@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 LOOP_FAILURES = Counter(
     "payonce_loop_failures_total", "Exceptions raised by a background loop's body", ["loop"]
 )
+# Edge workers (ops/workers.py) report the oldest beat of their loops: a stalled one shows.
 LOOP_LAST_BEAT = Gauge(
     "payonce_loop_last_beat_timestamp_seconds",
     "Unix time of a background loop's last sign of progress", ["loop"],
+    multiprocess_mode="livemin",
 )
 
 BACKOFF_START_S = 0.1

@@ -32,6 +32,10 @@ class Settings:
 
     edge_host: str = "0.0.0.0"
     edge_port: int = 8080
+    # Edge processes sharing the port (`payonce edge --workers N`, ops/workers.py); each
+    # binds it with SO_REUSEPORT, which the supervisor turns on for them.
+    edge_workers: int = 1
+    edge_reuse_port: bool = False
     processor_host: str = "0.0.0.0"
     processor_metrics_port: int = 9101
     log_format: str = "json"
@@ -132,7 +136,7 @@ class Settings:
         low, high = self.psp_latency_ms
         if not 0 <= low <= high:
             raise SettingsError("PAYONCE_PSP_LATENCY_MS must be 'LOW-HIGH' with 0 <= LOW <= HIGH")
-        for name in ("partitions", "prefetch", "psp_concurrency", "psp_max_tries",
+        for name in ("partitions", "edge_workers", "prefetch", "psp_concurrency", "psp_max_tries",
                      "idempotency_ttl_s", "pending_ttl_s", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be at least 1")
