@@ -7,15 +7,17 @@ STAMP := $(VENV)/.installed
 PIP := $(VENV)/bin/pip --disable-pip-version-check
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv services tools run test lint bench stop-services clean
+.PHONY: help venv services tools run test lint bench soak stop-services clean
 
 help:
 	@echo 'make run            services + edge (:8080) and processor in the foreground (Ctrl-C stops)'
 	@echo 'make test           services + pytest (PYTEST_ARGS="-k name -x" to narrow)'
 	@echo 'make lint           ruff and mypy'
 	@echo 'make bench          load figures (BENCH_ARGS="-n 2000 -c 50 --psp-latency 100-400")'
+	@echo 'make soak           30 minutes at a fixed rate: RSS and accept p99 per minute (SOAK_ARGS="--rate 100 --minutes 30")'
 	@echo 'make venv           create/update .venv from requirements.lock'
 	@echo 'make services       make sure PostgreSQL, Redis and RabbitMQ answer (ops/services.sh)'
 	@echo 'make stop-services  stop only the servers ops/services.sh started (.data/, docker)'
@@ -61,6 +63,9 @@ lint: venv
 
 bench: venv services
 	$(VENV)/bin/python -m ops.bench $(BENCH_ARGS)
+
+soak: venv services
+	$(VENV)/bin/python -m ops.soak $(SOAK_ARGS)
 
 stop-services:
 	@bash ops/services.sh stop

@@ -34,6 +34,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -183,8 +186,25 @@ async def _run(session: aiohttp.ClientSession, n: int, concurrency: int,
     return time.perf_counter() - started, latencies, results
 
 
-async def bench(settings: Settings, n: int, concurrency: int, latency: str,
-                relay_apart: bool) -> None:
+@dataclass
+class Deployment:
+    """A running payonce (ROLES as processes) with an account and a webhook endpoint on a
+    Receiver in this process, in the test database, under a RabbitMQ prefix of its own."""
+
+    base: str
+    conn: Any
+    account: dict[str, str]
+    receiver: Receiver
+    roles: tuple[str, ...]
+    procs: list[subprocess.Popen[bytes]]
+
+    def pid(self, role: str) -> int:
+        return self.procs[self.roles.index(role)].pid
+
+
+@asynccontextmanager
+async def deployment(settings: Settings, latency: str,
+                     relay_apart: bool) -> AsyncIterator[Deployment]:
     db = urlsplit(settings.database_url)
     database_url = urlunsplit(db._replace(path=f"{db.path.rstrip('/')}_test"))
     await migrate(database_url)
@@ -211,14 +231,9 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str,
            "PAYONCE_WEBHOOK_ALLOW_PRIVATE": "true", "PAYONCE_LOG_LEVEL": "WARNING"}
     roles = ROLES if relay_apart else tuple(r for r in ROLES if r != "relay")
     procs = _start(env, roles)
-    dispatcher = procs[roles.index("dispatcher")]
     base = f"http://127.0.0.1:{port}"
-    headers = {"Authorization": f"Bearer {account['secret_key']}"}
-    keys = [str(uuid.uuid4()) for _ in range(n)]
-    body = {"amount": "2000", "currency": "usd", "payment_method": "pm_card_visa",
-            "confirm": "true"}
     try:
-        async with aiohttp.ClientSession(headers=headers) as session:
+        async with aiohttp.ClientSession() as session:
             for _ in range(100):
                 try:
                     async with session.get(f"{base}/ready") as resp:
@@ -227,7 +242,33 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str,
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.2)
+        yield Deployment(base, conn, account, receiver, roles, procs)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+        await conn.close()
+        await receiver_runner.cleanup()
+        amqp = await aio_pika.connect(settings.amqp_url)
+        async with amqp:
+            await delete(await amqp.channel(), topology)
 
+
+BODY = {"amount": "2000", "currency": "usd", "payment_method": "pm_card_visa",
+        "confirm": "true"}
+
+
+async def bench(settings: Settings, n: int, concurrency: int, latency: str,
+                relay_apart: bool) -> None:
+    keys = [str(uuid.uuid4()) for _ in range(n)]
+    body = BODY
+    async with deployment(settings, latency, relay_apart) as d:
+        base, conn, account, receiver, roles, procs = (
+            d.base, d.conn, d.account, d.receiver, d.roles, d.procs)
+        dispatcher = procs[roles.index("dispatcher")]
+        headers = {"Authorization": f"Bearer {account['secret_key']}"}
+        async with aiohttp.ClientSession(headers=headers) as session:
             async def post(session: aiohttp.ClientSession, i: int) -> str:
                 async with session.post(f"{base}/v1/payment_intents", data=body,
                                         headers={"Idempotency-Key": keys[i]}) as resp:
@@ -270,16 +311,6 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str,
             open_loop = [await _open_loop(session, base, rate, body) for rate in OPEN_LOOP_RATES]
             peak_rss = {role: _peak_rss_mb(proc.pid) for role, proc in zip(roles, procs,
                                                                            strict=True)}
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
-        await conn.close()
-        await receiver_runner.cleanup()
-        amqp = await aio_pika.connect(settings.amqp_url)
-        async with amqp:
-            await delete(await amqp.channel(), topology)
 
     delivered = {i: t for i, t in receiver.first_seen.items() if i in events}
     lags = [t - events[i] for i, t in delivered.items()]
