@@ -14,6 +14,8 @@ filters on the intent's. Objects are rendered as their retrieves render them
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -62,6 +64,24 @@ LIST_CHARGES = {
 }
 
 
+def intents_where(account_id: str, values: Mapping[str, Any]) -> lists.Where:
+    """The account's intents that `values` (LIST_INTENTS, validated) filter for."""
+    where = lists.Where(account_id)
+    if values["customer"] is not None:
+        where.add("p.customer = {}", values["customer"])
+    return where
+
+
+def charges_where(account_id: str, values: Mapping[str, Any]) -> lists.Where:
+    """The account's charges that `values` (LIST_CHARGES, validated) filter for."""
+    where = lists.Where(account_id)
+    if values["customer"] is not None:
+        where.add(OF_CUSTOMER, values["customer"])
+    if values["payment_intent"] is not None:
+        where.add("c.payment_intent_id = {}", values["payment_intent"])
+    return where
+
+
 def no_such_charge(charge_id: str) -> ResourceMissing:
     return ResourceMissing(f"No such charge: '{charge_id[:64]}'", param="id")
 
@@ -69,9 +89,7 @@ def no_such_charge(charge_id: str) -> ResourceMissing:
 @routes.get("/v1/payment_intents")
 async def list_intents(request: web.Request) -> web.Response:
     values = params.validate(params.read_query(request), LIST_INTENTS)
-    where = lists.Where(request[ACCOUNT_ID])
-    if values["customer"] is not None:
-        where.add("p.customer = {}", values["customer"])
+    where = intents_where(request[ACCOUNT_ID], values)
     rows, has_more = await lists.page(request.app[DB], INTENTS, where, values)
     secret = request.app[SETTINGS].secret_bytes
     return json_response(lists.envelope(
@@ -81,11 +99,7 @@ async def list_intents(request: web.Request) -> web.Response:
 @routes.get("/v1/charges")
 async def list_charges(request: web.Request) -> web.Response:
     values = params.validate(params.read_query(request), LIST_CHARGES)
-    where = lists.Where(request[ACCOUNT_ID])
-    if values["customer"] is not None:
-        where.add(OF_CUSTOMER, values["customer"])
-    if values["payment_intent"] is not None:
-        where.add("c.payment_intent_id = {}", values["payment_intent"])
+    where = charges_where(request[ACCOUNT_ID], values)
     rows, has_more = await lists.page(request.app[DB], CHARGES, where, values)
     return json_response(lists.envelope("/v1/charges", [objects.charge(r) for r in rows],
                                         has_more))
