@@ -59,7 +59,8 @@ LIST_CHARGES = {
     **lists.PAGE,
     **lists.CREATED,
     "customer": CUSTOMER,
-    # Longer than any id: an id of no intent of the account lists nothing.
+    # Any string up to 255 characters, as ids are taken elsewhere: one that names no intent of
+    # the account has no charges to list, like an intent not confirmed yet.
     "payment_intent": Field(params.string(255)),
 }
 
