@@ -158,6 +158,9 @@ def payonce() -> dict[str, Any]:
     return {
         "event": event,
         "event_list": _list("EventList", "event", "/v1/events"),
+        "payment_intent_list": _list("PaymentIntentList", "payment_intent",
+                                     "/v1/payment_intents"),
+        "charge_list": _list("ChargeList", "charge", "/v1/charges"),
         "webhook_endpoint": webhook_endpoint,
         "webhook_endpoint_list": _list("WebhookEndpointList", "webhook_endpoint",
                                        "/v1/webhook_endpoints"),

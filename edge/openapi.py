@@ -1,13 +1,14 @@
 """The API's OpenAPI 3.1 document, served at `GET /openapi.json`.
 
 Nothing in it is written twice. Each operation below names the parameter specs its handler
-validates with (edge/params.py, edge/lists.py, edge/events.py, edge/webhook_endpoints.py), and
-every parameter's schema is the one its validator carries (`params.Validator.schema`): a limit
-changed in a validator changes the document. The object schemas are contracts/schemas.py's
-(Stripe's published PaymentIntent, Charge and error; payonce's own objects after
-contracts/objects.py). The tests hold the rest together: the operations here are exactly the
-routes the app serves under /v1, the document validates as OpenAPI 3.1, and schemathesis sends
-what it describes to a real stack and holds every answer to its documented status and schema.
+validates with (edge/params.py, edge/lists.py, edge/events.py, edge/reads.py,
+edge/webhook_endpoints.py), and every parameter's schema is the one its validator carries
+(`params.Validator.schema`): a limit changed in a validator changes the document. The object
+schemas are contracts/schemas.py's (Stripe's published PaymentIntent, Charge and error;
+payonce's own objects after contracts/objects.py). The tests hold the rest together: the
+operations here are exactly the routes the app serves under /v1, the document validates as
+OpenAPI 3.1, and schemathesis sends what it describes to a real stack and holds every answer to
+its documented status and schema.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import orjson
 from contracts import currencies, schemas
 from contracts.objects import API_VERSION
 from contracts.schemas import ref
-from edge import events, intents, lists, params, webhook_endpoints
+from edge import events, intents, lists, params, reads, webhook_endpoints
 from edge.idempotency import MAX_KEY_LENGTH
 from edge.params import Field
 
@@ -34,6 +35,8 @@ VERSION = "0.1.0"
 _TAGS = [
     {"name": "PaymentIntents", "description": "Accepted at once (202), applied in order by the "
                                               "processor; read back with 425 until applied."},
+    {"name": "Charges", "description": "The outcome of each payment attempt, as the processor "
+                                       "recorded it."},
     {"name": "Events", "description": "What happened, newest first; redeliver one to a "
                                       "webhook endpoint."},
     {"name": "Webhook endpoints", "description": "Where events are delivered, and the "
@@ -224,6 +227,28 @@ OPERATIONS: tuple[Operation, ...] = (
                "own field.", "payonce_charge"), **_get_errors(404, 425)},
         description="425 while the intent is processing; 404 before its first attempt.",
         path_id=_INTENT_ID),
+    Operation(
+        "get", "/v1/payment_intents", "GetPaymentIntents", "List PaymentIntents",
+        "PaymentIntents",
+        {**_ok("PaymentIntents, newest first, as applied by the processor.",
+               "payment_intent_list", links=dict.fromkeys(
+                   ("GetPaymentIntentsIntent", "GetPaymentIntentsIntentCharge"),
+                   "$response.body#/data/0/id")),
+         **_get_errors()},
+        description="An intent whose create is accepted and not applied yet is not listed.",
+        query=reads.LIST_INTENTS),
+    Operation(
+        "get", "/v1/charges", "GetCharges", "List charges", "Charges",
+        {**_ok("Charges, newest first.", "charge_list", links=dict.fromkeys(
+            ("GetChargesId",), "$response.body#/data/0/id")),
+         **_get_errors()},
+        description="`customer` is the customer of the charge's PaymentIntent.",
+        query=reads.LIST_CHARGES),
+    Operation(
+        "get", "/v1/charges/{id}", "GetChargesId", "Retrieve a charge", "Charges",
+        {**_ok("The charge; `authorization_code` is payonce's own field.", "payonce_charge"),
+         **_get_errors(404)},
+        path_id=("id", reads.CHARGE_ID)),
     Operation(
         "get", "/v1/events", "GetEvents", "List events", "Events",
         {**_ok("Events, newest first.", "event_list", links=dict.fromkeys(

@@ -20,14 +20,14 @@ from openapi_spec_validator import validate as validate_spec
 
 from contracts import objects, schemas
 from contracts.errors import InvalidRequest
-from edge import events, intents, lists, openapi, params, webhook_endpoints
+from edge import events, intents, lists, openapi, params, reads, webhook_endpoints
 from edge.app import create_app
 from edge.params import Field
 from tests import browser
 from tests.conftest import Client, Stack, form, make_settings
 from tests.support import VISA
 
-SPEC_MODULES = (params, lists, events, webhook_endpoints)
+SPEC_MODULES = (params, lists, events, reads, webhook_endpoints)
 
 
 def document() -> dict[str, Any]:
@@ -196,6 +196,15 @@ def rendered_samples() -> Iterator[tuple[str, Any]]:
                    "endpoint_id": endpoint_row["id"]}
     yield "webhook_delivery_attempt", objects.webhook_delivery_attempt(attempt_row)
     yield "event_list", lists.envelope("/v1/events", [objects.event(event_row)], False)
+    intent_row = {"id": "pi_" + "a" * 24, "amount": 2000, "currency": "usd",
+                  "status": "succeeded", "created": 1_700_000_000, "customer": "cus_a"}
+    yield "payment_intent_list", lists.envelope(
+        "/v1/payment_intents", [objects.payment_intent(intent_row, b"secret")], True)
+    charge_row = {"id": "ch_" + "a" * 24, "amount": 2000, "amount_captured": 2000,
+                  "currency": "usd", "status": "succeeded", "payment_method": VISA,
+                  "payment_intent_id": intent_row["id"], "authorization_code": "123456",
+                  "created": 1_700_000_000}
+    yield "charge_list", lists.envelope("/v1/charges", [objects.charge(charge_row)], False)
 
 
 def test_payonce_object_schemas_are_what_the_renderers_make() -> None:
@@ -260,8 +269,9 @@ MAX_EXAMPLES = 20
 
 async def seed(api: Client) -> dict[str, list[str]]:
     """Objects for the generated requests to find: intents (one paid, one waiting for a payment
-    method), the events they made, and a webhook endpoint. The endpoint's URL is a closed
-    local port: no dispatcher runs on this stack, and none would find anything there."""
+    method), the paid one's charge, the events they made, and a webhook endpoint. The
+    endpoint's URL is a closed local port: no dispatcher runs on this stack, and none would
+    find anything there."""
     paid = await api.create(amount=2000, currency="usd", payment_method=VISA, confirm=True)
     waiting = await api.create(amount=1000, currency="eur")
     assert (paid.status, waiting.status) == (202, 202), (paid.body, waiting.body)
@@ -272,15 +282,19 @@ async def seed(api: Client) -> dict[str, list[str]]:
     assert endpoint.status == 200, endpoint.body
     listed = await api.get("/v1/events?limit=100")
     assert listed.status == 200 and listed.body["data"], listed.body
+    charges = await api.get("/v1/charges")
+    assert charges.status == 200 and charges.body["data"], charges.body
     return {"intent": [paid.body["id"], waiting.body["id"]],
             "event": [e["id"] for e in listed.body["data"]][:5],
-            "endpoint": [endpoint.body["id"]]}
+            "endpoint": [endpoint.body["id"]],
+            "charge": [c["id"] for c in charges.body["data"]]}
 
 
 def schemathesis_config(base_url: str, secret_key: str, ids: dict[str, list[str]]) -> str:
     """schemathesis.toml: every check but positive_data_acceptance (valid-looking requests
     that payonce refuses by design: amounts under a currency's minimum, cursors naming no
-    object, both cursors at once), and the seeded ids offered for half the path ids."""
+    object, both cursors at once) and, for an intent's charge, ensure_resource_availability;
+    the seeded ids offered for half the path ids."""
     def binding(name: str) -> str:
         return f'{{ dictionary = "{name}", probability = 0.5 }}'
 
@@ -289,7 +303,9 @@ def schemathesis_config(base_url: str, secret_key: str, ids: dict[str, list[str]
                "event": [op.operation_id for op in openapi.OPERATIONS
                          if op.path_id and op.path_id[1] is events.EVENT_ID],
                "endpoint": [op.operation_id for op in openapi.OPERATIONS
-                            if op.path_id and op.path_id[1] is webhook_endpoints.ENDPOINT_ID]}
+                            if op.path_id and op.path_id[1] is webhook_endpoints.ENDPOINT_ID],
+               "charge": [op.operation_id for op in openapi.OPERATIONS
+                          if op.path_id and op.path_id[1] is reads.CHARGE_ID]}
     lines = [
         f"base-url = {json.dumps(base_url)}",
         "workers = 1",
@@ -309,6 +325,10 @@ def schemathesis_config(base_url: str, secret_key: str, ids: dict[str, list[str]
                   "[operations.parameters]", f'"path.id" = {binding(kind)}']
         if kind == "event":
             lines.append(f'"body.webhook_endpoint" = {binding("endpoint")}')
+    # An intent created without confirm=true has no charge yet: its charge is a 404 by design
+    # (documented), which ensure_resource_availability would take for a created resource lost.
+    lines += ["[[operations]]", 'include-operation-id = "GetPaymentIntentsIntentCharge"',
+              "[operations.checks.ensure_resource_availability]", "enabled = false"]
     return "\n".join(lines) + "\n"
 
 
