@@ -133,6 +133,14 @@ class TooEarly(PayonceError):
     default_code = "resource_not_ready"
 
 
+class RateLimited(PayonceError):
+    """The account sent more requests than its rate limit allows (429); back off and retry."""
+
+    status = 429
+    type = "invalid_request_error"
+    default_code = "rate_limit"
+
+
 class ServiceUnavailable(PayonceError):
     """A dependency is down; nothing was accepted and the request is safe to retry (503)."""
 

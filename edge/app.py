@@ -37,10 +37,12 @@ from edge.keys import (
     KEY_CACHE,
     PENDING,
     PUBLISHER,
+    RATE_LIMITER,
     REDIS,
     REQUEST_ID,
     SETTINGS,
 )
+from edge.ratelimit import RateLimiter, ratelimit_middleware
 from ops.cache import redis_client
 from ops.health import health, metrics_response, readiness
 from ops.logs import bound
@@ -139,6 +141,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
                              deployment=settings.amqp_prefix)
     app[IDEMPOTENCY] = store
     app[PENDING] = PendingCommands(client, ttl_s=settings.pending_ttl_s)
+    if settings.rate_limit_per_s > 0:
+        app[RATE_LIMITER] = RateLimiter(client, per_s=settings.rate_limit_per_s,
+                                        burst=settings.rate_limit_burst)
     ttl_ms = int(settings.edge_heartbeat_s * 1000)
 
     async def heartbeat(loop: Loop) -> None:
@@ -187,7 +192,7 @@ async def metrics_view(request: web.Request) -> web.Response:
 def create_app(settings: Settings) -> web.Application:
     settings.secret_bytes  # noqa: B018  (fails early with a clear message when unset)
     app = web.Application(
-        middlewares=[errors_middleware, auth_middleware],
+        middlewares=[errors_middleware, auth_middleware, ratelimit_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -24,6 +24,8 @@ IDEMPOTENCY = web.AppKey("idempotency", IdempotencyStore)
 PENDING = web.AppKey("pending", PendingCommands)
 KEY_CACHE = web.AppKey("key_cache", KeyCache)
 HEARTBEAT = web.AppKey("heartbeat", Loop)
+# Absent when rate limits are off.
+RATE_LIMITER: web.AppKey[Any] = web.AppKey("rate_limiter")  # an edge.ratelimit.RateLimiter
 
 # Per-request values, set by the middlewares.
 REQUEST_ID = web.RequestKey("request_id", str)

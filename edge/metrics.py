@@ -22,3 +22,5 @@ DEPENDENCY_ERRORS = Counter(
 # Exported at 0 from the start, so dashboards and alerts see the series before any failure.
 for _dependency in ("postgres", "redis", "rabbitmq"):
     DEPENDENCY_ERRORS.labels(_dependency)
+RATE_LIMITED = Counter("payonce_edge_rate_limited_total",
+                       "Requests refused with 429 because their account was over its limit")

@@ -140,6 +140,9 @@ E409 = Answer("The same Idempotency-Key is still being executed (`idempotency_ke
               "retry shortly.", headers=("Stripe-Should-Retry", "Retry-After"))
 E425 = Answer("Accepted but not applied yet (`resource_not_ready`); retry after `Retry-After` "
               "seconds.", headers=("Retry-After", "Stripe-Should-Retry"))
+E429 = Answer("The account sent more requests than its rate limit (`PAYONCE_RATE_LIMIT_PER_S`) "
+              "allows (`rate_limit`); nothing was done. Back off and retry.",
+              headers=("Retry-After",))
 E503 = Answer("A service payonce depends on is unreachable and nothing was done "
               "(`service_unavailable`), or a command's publish was not confirmed and it may "
               "still be applied (`outcome_unknown`). Retry with the same Idempotency-Key.",
@@ -157,16 +160,16 @@ def _e413(max_body_bytes: int) -> Answer:
 
 def _errors(*statuses: int, post: bool = False) -> dict[int, Answer]:
     table = {400: E400_POST if post else E400, 401: E401, 404: E404, 409: E409, 425: E425,
-             503: E503}
+             429: E429, 503: E503}
     return {status: table[status] for status in statuses}
 
 
 def _post_errors(*statuses: int) -> dict[int, Answer]:
-    return {**_errors(400, 401, *statuses, 409, 503, post=True), 413: E413}
+    return {**_errors(400, 401, *statuses, 409, 429, 503, post=True), 413: E413}
 
 
 def _get_errors(*statuses: int) -> dict[int, Answer]:
-    return _errors(400, 401, *statuses, 503)
+    return _errors(400, 401, *statuses, 429, 503)
 
 
 # ---- the operations ----------------------------------------------------------------------------

@@ -68,6 +68,10 @@ class Settings:
     # How long the 425 marker of an accepted create lives; the processor applies it long before.
     pending_ttl_s: int = 24 * 3600
     max_body_bytes: int = 64 * 1024
+    # Requests per second each account may send to /v1, with bursts of this many more (0: no
+    # limit). Stripe allows 100 per second in live mode and 25 in test mode.
+    rate_limit_per_s: float = 0.0
+    rate_limit_burst: int = 100
 
     # Messages a partition consumer holds at once; bounds memory and intents in progress.
     prefetch: int = 256
@@ -173,6 +177,9 @@ class Settings:
         if not schedule or any(p < 0 for p in schedule):
             raise SettingsError("PAYONCE_WEBHOOK_RETRY_SCHEDULE must be seconds between "
                                 "attempts, comma-separated (e.g. 5,300,1800)")
+        if self.rate_limit_per_s < 0 or self.rate_limit_burst < 0:
+            raise SettingsError("PAYONCE_RATE_LIMIT_PER_S and PAYONCE_RATE_LIMIT_BURST must not "
+                                "be negative")
         for name in ("webhook_concurrency", "webhook_endpoint_concurrency"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be at least 1")
