@@ -14,6 +14,8 @@ services, in the test database, with a RabbitMQ prefix of its own), then measure
   process's peak RSS;
 - open loop: accept latency at fixed offered rates (OPEN_LOOP_RATES), requests sent on a
   schedule rather than after the previous answer;
+- mixed: payments taken through create, confirm, capture, cancel and refund (MIX), with the
+  commands sent and the CPU per command of each process until every one is at rest;
 - deliver: a `payonce dispatcher` runs beside them, delivering every event of those payments to
   one endpoint, a receiver in this process that answers 200 at once: events delivered per
   second (from the first event's commit to the last delivery), the delivery lag (event
@@ -260,7 +262,7 @@ BODY = {"amount": "2000", "currency": "usd", "payment_method": "pm_card_visa",
 
 
 async def bench(settings: Settings, n: int, concurrency: int, latency: str,
-                relay_apart: bool) -> None:
+                relay_apart: bool, mixed_n: int) -> None:
     keys = [str(uuid.uuid4()) for _ in range(n)]
     body = BODY
     async with deployment(settings, latency, relay_apart) as d:
@@ -311,6 +313,7 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str,
             open_loop = [await _open_loop(session, base, rate, body) for rate in OPEN_LOOP_RATES]
             peak_rss = {role: _peak_rss_mb(proc.pid) for role, proc in zip(roles, procs,
                                                                            strict=True)}
+        mixed = await _mixed(d, mixed_n, concurrency) if mixed_n else ""
 
     delivered = {i: t for i, t in receiver.first_seen.items() if i in events}
     lags = [t - events[i] for i, t in delivered.items()]
@@ -353,7 +356,7 @@ PSP ledger rows for the {n} payments: {ledger} (one per attempt)
 Dispatcher CPU time: {dispatcher_cpu_s:.1f} s for {len(delivered)} deliveries \
 ({dispatcher_cpu_s / max(len(delivered), 1) * 1000:.2f} ms each), \
 {dispatcher_cpu_s / deliver_s * 100:.0f}% of a core while it delivered
-""")
+{mixed}""")
 
 
 def _cpu_rows(cpu: dict[str, float], payments: int) -> str:
@@ -398,6 +401,99 @@ async def _open_loop(session: aiohttp.ClientSession, base: str, rate: int,
     percentiles = _percentiles(latencies) if len(latencies) > 1 else "-"
     return f"| {rate}/s | {answered} | {percentiles} |"
 
+# The mixed workload: (flow, share out of 10). Each payment is created, then taken through
+# its flow with the commands a merchant would send; every command goes through the same
+# batched path as create and confirm.
+MIX = (("automatic, then refunded in part", 4), ("manual, then captured in part", 3),
+       ("manual, then canceled", 2), ("never confirmed, then canceled", 1))
+RESTING = """
+SELECT (SELECT count(*) FROM payment_intents WHERE account_id = $1
+        AND status NOT IN ('succeeded', 'canceled'))
+     + (SELECT count(*) FROM refunds WHERE account_id = $1 AND status = 'pending')
+"""
+
+
+async def _mixed(d: Deployment, n: int, concurrency: int) -> str:
+    """Runs n payments through MIX and tells the commands sent and the CPU each cost."""
+    headers = {"Authorization": f"Bearer {d.account['secret_key']}"}
+    flows = [name for name, share in MIX for _ in range(share)]
+    sent: dict[str, int] = {}
+    gate = asyncio.Semaphore(concurrency)
+
+    async def post(session: aiohttp.ClientSession, what: str, path: str,
+                   data: dict[str, str]) -> dict[str, Any]:
+        async with session.post(f"{d.base}{path}", data=data,
+                                headers={"Idempotency-Key": str(uuid.uuid4())}) as resp:
+            body = await resp.json()
+            assert resp.status == 202, (path, resp.status, body)
+        sent[what] = sent.get(what, 0) + 1
+        return body  # type: ignore[no-any-return]
+
+    async def until(session: aiohttp.ClientSession, intent_id: str, status: str) -> None:
+        while True:
+            async with session.get(f"{d.base}/v1/payment_intents/{intent_id}",
+                                   params={"wait": "10"}) as resp:
+                body = await resp.json()
+            if resp.status == 200 and body["status"] == status:
+                return
+            if resp.status == 425:
+                await asyncio.sleep(0.05)
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        flow = flows[i % len(flows)]
+        create = {"amount": "2000", "currency": "usd", "payment_method": "pm_card_visa"}
+        async with gate:
+            if flow.startswith("never"):
+                intent = await post(session, "create", "/v1/payment_intents", create)
+                await post(session, "cancel", f"/v1/payment_intents/{intent['id']}/cancel",
+                           {"cancellation_reason": "abandoned"})
+                return
+            manual = flow.startswith("manual")
+            intent = await post(session, "create + confirm", "/v1/payment_intents", {
+                **create, "confirm": "true",
+                "capture_method": "manual" if manual else "automatic"})
+            path = f"/v1/payment_intents/{intent['id']}"
+        await until(session, intent["id"], "requires_capture" if manual else "succeeded")
+        async with gate:
+            if flow.startswith("automatic"):
+                await post(session, "refund", "/v1/refunds",
+                           {"payment_intent": intent["id"], "amount": "500"})
+            elif "captured" in flow:
+                await post(session, "capture", f"{path}/capture", {"amount_to_capture": "1500"})
+            else:
+                await post(session, "cancel", f"{path}/cancel",
+                           {"cancellation_reason": "requested_by_customer"})
+
+    meter = CPUMeter({role: d.pid(role) for role in d.roles})
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(headers=headers,
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(one(session, i) for i in range(n)))
+    while True:
+        if not await d.conn.fetchval(RESTING, d.account["account"]):
+            break
+        await asyncio.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    cpu = meter.since_start()
+    commands = sum(sent.values())
+    rows = "\n".join(f"| {what} | {count} |" for what, count in sent.items())
+    per = "\n".join(f"| {name} | {seconds * 1000 / commands:.2f} |"
+                     for name, seconds in cpu.items())
+    total = sum(cpu.values()) * 1000 / commands
+    return f"""
+Mixed workload: {n} payments ({", ".join(f"{share * 10}% {name}" for name, share in MIX)}),
+{commands} commands, all at rest after {elapsed:.1f} s ({commands / elapsed:.0f} commands/s):
+
+| command | sent |
+|---|---|
+{rows}
+
+| process | CPU ms per command |
+|---|---|
+{per}
+| **total** | **{total:.2f}** |
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -407,9 +503,12 @@ def main() -> None:
     parser.add_argument("--relay", choices=("apart", "processor"), default="apart",
                         help="run the outbox relay as its own process (default) or inside "
                              "the processor")
+    parser.add_argument("--mixed", type=int, default=1000, metavar="N",
+                        help="payments in the mixed workload (create, confirm, capture, cancel, "
+                             "refund) after the rest; 0 skips it (default 1000)")
     args = parser.parse_args()
     asyncio.run(bench(Settings.from_env(), args.n, args.concurrency, args.psp_latency,
-                      args.relay == "apart"))
+                      args.relay == "apart", args.mixed))
 
 
 if __name__ == "__main__":
