@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl
 import orjson
 from aiohttp import web
 
-from contracts import currencies, webhooks
+from contracts import commands, currencies, webhooks
 from contracts.errors import (
     InvalidRequest,
     ParameterInvalid,
@@ -38,7 +38,7 @@ from contracts.errors import (
 from contracts.webhook_urls import MAX_URL_LENGTH, WebhookURLError, check_url
 
 MAX_AMOUNT = 99_999_999
-METADATA_MAX_KEYS = 50
+METADATA_MAX_KEYS = commands.METADATA_MAX_KEYS
 METADATA_KEY_MAX = 40
 METADATA_VALUE_MAX = 500
 
