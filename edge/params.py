@@ -27,6 +27,7 @@ import orjson
 from aiohttp import web
 
 from contracts import commands, currencies, webhooks
+from contracts.enums import CancellationReason, CaptureMethod
 from contracts.errors import (
     InvalidRequest,
     ParameterInvalid,
@@ -436,6 +437,35 @@ def webhook_url(value: Any, param: str) -> str:
     return value
 
 
+def one_of(values: Collection[str]) -> Validator[str]:
+    """One of a fixed set of strings, refused in Stripe's words for an enum parameter."""
+    choices = list(values)
+    listed = f"{', '.join(choices[:-1])}, or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+    @accepts({"type": "string", "enum": choices})
+    def check(value: Any, param: str) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ParameterInvalid(f"Invalid {param}: must be one of {listed}", param=param)
+        return value
+
+    return check
+
+
+capture_method = one_of([m.value for m in CaptureMethod])
+# What a client may give; `automatic` is the system's own, for an expired authorization.
+cancellation_reason = one_of([r.value for r in CancellationReason
+                              if r is not CancellationReason.AUTOMATIC])
+
+
+@accepts({"type": "integer", "minimum": 1, "maximum": MAX_AMOUNT})
+def positive_amount(value: Any, param: str) -> int:
+    number = amount(value, param)
+    if number < 1:
+        raise ParameterInvalid(f"Invalid {param}: it must be a positive integer.",
+                               code="parameter_invalid_integer", param=param)
+    return number
+
+
 @dataclass(frozen=True, slots=True)
 class Field:
     check: Validator[Any]
@@ -473,9 +503,28 @@ CREATE_INTENT = {
     "metadata": Field(metadata),
     "payment_method": Field(payment_method),
     "confirm": Field(boolean),
+    "capture_method": Field(capture_method),
 }
 
-CONFIRM_INTENT = {"payment_method": Field(payment_method)}
+CONFIRM_INTENT = {"payment_method": Field(payment_method),
+                  "capture_method": Field(capture_method)}
+
+UPDATE_INTENT = {
+    "amount": Field(amount),
+    "currency": Field(currency),
+    "customer": Field(string(255)),
+    "description": Field(string(1000)),
+    "metadata": Field(metadata_changes),
+    "payment_method": Field(payment_method),
+    "capture_method": Field(capture_method),
+}
+# What an update cannot remove: an intent always has them (payment_method: Stripe's intents
+# keep theirs until another replaces it).
+_KEPT = ("amount", "currency", "payment_method", "capture_method")
+
+CAPTURE_INTENT = {"amount_to_capture": Field(positive_amount)}
+
+CANCEL_INTENT = {"cancellation_reason": Field(cancellation_reason)}
 
 
 def create_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -491,6 +540,27 @@ def create_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 def confirm_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
     return validate(raw, CONFIRM_INTENT)
+
+
+def update_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """{"changes": {parameter: value} for the parameters given (None removes customer or
+    description), "metadata": metadata_changes's form or None}. Whether the intent's status
+    allows them, and the amount's minimum in its currency, are for the handler to check."""
+    params = validate(raw, UPDATE_INTENT)
+    for name in _KEPT:
+        if raw.get(name) == "":
+            raise ParameterInvalid(f"Invalid {name}: it cannot be empty.", param=name)
+    changes = {name: value for name, value in params.items()
+               if name in raw and name != "metadata"}
+    return {"changes": changes, "metadata": params["metadata"] if "metadata" in raw else None}
+
+
+def capture_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return validate(raw, CAPTURE_INTENT)
+
+
+def cancel_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return validate(raw, CANCEL_INTENT)
 
 
 CREATE_WEBHOOK_ENDPOINT = {

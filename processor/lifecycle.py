@@ -41,7 +41,7 @@ from contracts.commands import (
 )
 from contracts.enums import CancellationReason, EventType, TaskKind
 from contracts.enums import IntentStatus as S
-from contracts.errors import InvalidRequest, PayonceError, ResourceMissing, UnexpectedState
+from contracts.errors import PayonceError, ResourceMissing, UnexpectedState, capture_too_large
 from contracts.transitions import CAPTURING, Action, next_status, state
 from processor.intents import LOCK_INTENTS, Applied, Rows
 
@@ -101,12 +101,6 @@ def task_values(secret: bytes, cause: Command, kind: TaskKind, charge: Any, amou
     task_id = ids.task_id(secret, cause.message_id, kind)
     return (task_id, cause.account_id, cause.intent_id, charge["id"], kind.value,
             f"payonce_{task_id}", charge["psp_key"], amount, cause.request_id or None, exchange)
-
-
-def capture_too_large(amount: int, capturable: int) -> InvalidRequest:
-    return InvalidRequest(
-        f"The amount to capture ({amount}) must be less than or equal to the PaymentIntent's "
-        f"amount_capturable ({capturable}).", code="amount_too_large", param="amount_to_capture")
 
 
 @dataclass
