@@ -38,15 +38,16 @@ def expect(reply: Reply, status: int = 202) -> dict[str, Any]:
     return reply.body  # type: ignore[no-any-return]
 
 
-async def settled(api: Client, intent_id: str, status: str, within_s: float = 30.0
-                  ) -> dict[str, Any]:
-    """The intent once the processor left it in `status` with no PSP work outstanding (every
-    attempt and task settled), read back through the API."""
+async def settled(api: Client, intent_id: str, status: str | tuple[str, ...],
+                  within_s: float = 30.0) -> dict[str, Any]:
+    """The intent once the processor left it in `status` (or one of them) with no PSP work
+    outstanding (every attempt and task settled), read back through the API."""
+    wanted = (status,) if isinstance(status, str) else status
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         row = await api.db.fetchrow("SELECT status FROM payment_intents WHERE id = $1",
                                     intent_id)
-        if (row is not None and row["status"] == status
+        if (row is not None and row["status"] in wanted
                 and not await api.db.fetchval(UNFINISHED_TASKS, intent_id)
                 and not await api.db.fetchval(UNFINISHED_ATTEMPTS, intent_id)):
             return expect(await api.get(f"/v1/payment_intents/{intent_id}"), 200)
