@@ -211,7 +211,7 @@ class AttemptRunner:
         result = PSPResult.from_json(stored) if stored else await self._call_psp(attempt)
         if result is None:
             return
-        failpoints.hit("processor.after_psp_call")
+        failpoints.hit("processor.after_psp_call", self.name)
         if stored is None:
             kept = await self._store(attempt_id, result.to_json())
             assert kept is not None, attempt_id  # the row exists: this runner claimed it
