@@ -261,7 +261,9 @@ OPERATIONS: tuple[Operation, ...] = (
                     "`payment_intent_unexpected_state`), and not while a capture is under "
                     "way. A cancel while the intent is processing wins: the authorization "
                     "that comes back is voided (reversed, if it was captured). An "
-                    "authorization held for a capture is released.",
+                    "authorization held for a capture is released. A cancel the processor "
+                    "finds too late (the payment succeeded before it was applied) changes "
+                    "nothing: the intent reads as it is.",
         body=params.CANCEL_INTENT, path_id=_INTENT_ID),
     Operation(
         "get", "/v1/events", "GetEvents", "List events", "Events",
