@@ -93,7 +93,6 @@ LIMIT $1
 """
 
 
-
 @dataclass(frozen=True, slots=True)
 class LeaseSQL:
     """The statements of the lease protocol for one table of PSP work (this module's
@@ -121,8 +120,8 @@ MAX_REPORTS = 5
 
 class AttemptRunner:
     """Runs payment_attempts: the PSP authorization of each, then its result reported.
-    Subclasses run other PSP work with the same protocol by giving their own `sql`, `name`
-    and the three calls `_psp_call`, `_give_up` and `_result_command`."""
+    Subclasses run other PSP work with the same protocol by giving their own `sql` and `name`
+    and their own `_psp_call`, `_rejected`, `_give_up` and `_result_command`."""
 
     sql: LeaseSQL = ATTEMPTS_SQL
     name = "attempt"
