@@ -67,20 +67,20 @@ async def update_intent(request: web.Request) -> web.Response:
 
     def plan(current: dict[str, Any], common: dict[str, Any]
              ) -> tuple[ClientCommand, dict[str, Any]]:
-        now = state(current)
+        at = state(current)
         changes = values["changes"]
         projected = {**current, **changes}
         for name in changes:
             if name == "payment_method":
-                projected["status"] = next_status(Action.ATTACH, now, param=name).value
+                projected["status"] = next_status(Action.ATTACH, at, param=name).value
             elif name == "description":
-                next_status(Action.ANNOTATE, now, param=name)
+                next_status(Action.ANNOTATE, at, param=name)
             else:
-                next_status(Action.UPDATE, now, param=name)
+                next_status(Action.UPDATE, at, param=name)
         if "amount" in changes or "currency" in changes:
             params.charge_amount(projected["amount"], projected["currency"], "amount")
         if values["metadata"] is not None:
-            next_status(Action.ANNOTATE, now, param="metadata")
+            next_status(Action.ANNOTATE, at, param="metadata")
             projected["metadata"] = merge_metadata(current["metadata"], values["metadata"])
         return UpdateIntent(**common, **values), projected
 

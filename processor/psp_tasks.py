@@ -38,13 +38,6 @@ from processor.psp import PSPResult, PSPUnavailable
 
 log = logging.getLogger(__name__)
 
-INSERT_TASKS = """
-INSERT INTO psp_tasks (id, account_id, payment_intent_id, charge_id, kind, psp_key,
-                       authorization_key, amount, request_id, commands_exchange)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::bigint[], $9::text[], $10::text[])
-ON CONFLICT (id) DO NOTHING
-"""
 TASKS_SQL = LeaseSQL(
     claim="""
 UPDATE psp_tasks
@@ -177,11 +170,3 @@ class TaskRunner(AttemptRunner):
             self._expiring[row["charge_id"]] = now
             log.info("uncaptured authorization expired", extra={"ids": {
                 "intent": row["id"], "charge": row["charge_id"]}})
-
-
-def task_values(task_id: str, account_id: str, intent_id: str, charge_id: str, kind: str,
-                authorization_key: str, amount: int, request_id: str | None,
-                exchange: str) -> tuple[Any, ...]:
-    """The columns of a psp_tasks row (INSERT_TASKS's parameters)."""
-    return (task_id, account_id, intent_id, charge_id, kind, f"payonce_{task_id}",
-            authorization_key, amount, request_id, exchange)
