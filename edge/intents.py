@@ -77,7 +77,7 @@ async def create_intent(request: web.Request) -> web.Response:
         else:
             status = IntentStatus.REQUIRES_PAYMENT_METHOD
         now = int(time.time())
-        capture_method = values["capture_method"] or CaptureMethod.AUTOMATIC.value
+        capture_method = values.get("capture_method") or CaptureMethod.AUTOMATIC.value
         command = CreateIntent(
             account_id=account_id, intent_id=intent_id, request_id=request[REQUEST_ID],
             accepted_at=now, idempotency_key=key, fingerprint=fp,
@@ -170,9 +170,10 @@ async def confirm_intent(request: web.Request) -> web.Response:
         command = ConfirmIntent(
             account_id=account_id, intent_id=intent_id, request_id=request[REQUEST_ID],
             accepted_at=int(time.time()), idempotency_key=key, fingerprint=fp,
-            payment_method=values["payment_method"], capture_method=values["capture_method"])
+            payment_method=values["payment_method"],
+            capture_method=values.get("capture_method"))
         projected = {**current, "status": status, "payment_method": payment_method,
-                     "capture_method": values["capture_method"] or current["capture_method"],
+                     "capture_method": values.get("capture_method") or current["capture_method"],
                      "last_payment_error": None}
         return await accept(request, command, projected)
 

@@ -527,6 +527,15 @@ CAPTURE_INTENT = {"amount_to_capture": Field(positive_amount)}
 CANCEL_INTENT = {"cancellation_reason": Field(cancellation_reason)}
 
 
+# Parameters added after requests were first fingerprinted: left out of the canonical values
+# when not given, so a request retried across the upgrade is still the same request.
+_LATER = ("capture_method",)
+
+
+def _without_later(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in _LATER or v is not None}
+
+
 def create_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
     params = validate(raw, CREATE_INTENT)
     charge_amount(params["amount"], params["currency"], "amount")
@@ -535,11 +544,11 @@ def create_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
     if params["confirm"] and params["payment_method"] is None:
         raise UnexpectedState("You cannot confirm this PaymentIntent because it's missing a "
                               "payment method.", param="payment_method")
-    return params
+    return _without_later(params)
 
 
 def confirm_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return validate(raw, CONFIRM_INTENT)
+    return _without_later(validate(raw, CONFIRM_INTENT))
 
 
 def update_intent(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from contracts.commands import CancelIntent, CaptureIntent, UpdateIntent
+from edge import params
 from tests.conftest import Client, form, make_settings, stack
 from tests.lifecycle_support import (
     VISA,
@@ -363,3 +364,15 @@ async def test_an_uncaptured_authorization_expires(migrated: None) -> None:
         assert (await event_types(api, intent["id"])).count("payment_intent.canceled") == 1
         refused = await api.post(f"/v1/payment_intents/{intent['id']}/capture")
         assert "status of canceled" in refused.error["message"]
+
+
+def test_a_request_without_capture_method_fingerprints_as_before_it_existed() -> None:
+    """A retry across the upgrade that added capture_method is the same request: its
+    canonical values, which the fingerprint is computed over, are as they were."""
+    assert params.create_intent({"amount": "1000", "currency": "usd"}) == {
+        "amount": 1000, "currency": "usd", "customer": None, "description": None,
+        "metadata": {}, "payment_method": None, "confirm": False}
+    assert params.confirm_intent({}) == {"payment_method": None}
+    manual = params.create_intent({"amount": "1000", "currency": "usd",
+                                   "capture_method": "manual"})
+    assert manual["capture_method"] == "manual"
