@@ -246,6 +246,8 @@ class Lifecycle:
         kind = TaskKind(task["kind"])
         charge = dict(plan.charges.get(task["charge_id"]) or charges[task["charge_id"]])
         if not r.succeeded:
+            # Counted where the PSP refused it (payonce_processor_psp_calls_total{result=
+            # "rejected"}); a refused void or reverse leaves money for an operator to give back.
             log.error("psp refused a task", extra={"ids": {
                 "task": task["id"], "kind": kind, "error": r.failure_message}})
             if kind is TaskKind.CAPTURE and state(new) == CAPTURING:

@@ -78,3 +78,7 @@ RESULTS_REREPORTED = Counter(
     "payonce_processor_results_rereported_total",
     "PSP results published again because they were not applied in time",
 )
+AUTHORIZATIONS_EXPIRED = Counter(
+    "payonce_processor_authorizations_expired_total",
+    "Uncaptured authorizations past the capture window, sent to be canceled",
+)

@@ -168,5 +168,6 @@ class TaskRunner(AttemptRunner):
                             extra={"ids": {"intent": row["id"], "error": str(exc)}})
                 return
             self._expiring[row["charge_id"]] = now
+            metrics.AUTHORIZATIONS_EXPIRED.inc()
             log.info("uncaptured authorization expired", extra={"ids": {
                 "intent": row["id"], "charge": row["charge_id"]}})
