@@ -15,6 +15,11 @@ from typing import Any, ClassVar
 
 import orjson
 
+from contracts.errors import ParameterInvalid
+
+# Stripe's limit on an object's metadata keys; edge/params.py checks requests against it.
+METADATA_MAX_KEYS = 50
+
 
 class CommandDecodeError(ValueError):
     """A message body that is not a well-formed command."""
@@ -67,6 +72,7 @@ class CreateIntent(ClientCommand):
     metadata: dict[str, str] = field(default_factory=dict)
     payment_method: str | None = None
     confirm: bool = False
+    capture_method: str = "automatic"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +80,62 @@ class ConfirmIntent(ClientCommand):
     TYPE: ClassVar[str] = "payment_intent.confirm"
 
     payment_method: str | None = None
+    capture_method: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateIntent(ClientCommand):
+    """The parameters given, and only those: `changes` maps each to its new value (None
+    removes it), `metadata` is params.metadata_changes's {set, unset, clear} or None."""
+
+    TYPE: ClassVar[str] = "payment_intent.update"
+
+    changes: dict[str, str | int | None] = field(default_factory=dict)
+    metadata: dict[str, Any] | None = None
+
+
+def merge_metadata(current: dict[str, str], change: dict[str, Any]) -> dict[str, str]:
+    """`current` once an update's metadata change is applied, as Stripe merges it: everything
+    removed first when `clear`, then `set` written over and `unset` removed. ParameterInvalid
+    when more than METADATA_MAX_KEYS would be left."""
+    merged = {} if change["clear"] else dict(current)
+    merged.update(change["set"])
+    for name in change["unset"]:
+        merged.pop(name, None)
+    if len(merged) > METADATA_MAX_KEYS:
+        raise ParameterInvalid(f"Metadata can have at most {METADATA_MAX_KEYS} keys; this "
+                               f"update would leave {len(merged)}.", param="metadata")
+    return merged
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelIntent(ClientCommand):
+    TYPE: ClassVar[str] = "payment_intent.cancel"
+
+    cancellation_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaptureIntent(ClientCommand):
+    TYPE: ClassVar[str] = "payment_intent.capture"
+
+    # None captures everything the authorization holds.
+    amount_to_capture: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpireAuthorization(Command):
+    """The system's cancel of an intent whose authorization was not captured in time. Its
+    message id names the charge, so the sweeper may send it any number of times: it is
+    applied once, in order with the client's commands (a later copy finds it canceled)."""
+
+    TYPE: ClassVar[str] = "payment_intent.expire_authorization"
+
+    charge_id: str
+
+    @property
+    def message_id(self) -> str:
+        return f"{self.charge_id}/expire"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,18 +150,39 @@ class ApplyPSPResult(Command):
     failure_code: str | None = None
     decline_code: str | None = None
     failure_message: str | None = None
+    # False for an authorization only (manual capture); results published before manual
+    # capture existed were all captured.
+    captured: bool = True
 
     @property
     def message_id(self) -> str:
         return f"{self.attempt_id}/result"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApplyTaskResult(Command):
+    """The PSP's final answer for one PSP task (processor/psp_tasks.py)."""
+
+    TYPE: ClassVar[str] = "payment_intent.psp_task_result"
+
+    task_id: str
+    succeeded: bool
+    failure_message: str | None = None
+
+    @property
+    def message_id(self) -> str:
+        return f"{self.task_id}/result"
+
+
 COMMANDS: dict[str, type[Command]] = {
-    cls.TYPE: cls for cls in (CreateIntent, ConfirmIntent, ApplyPSPResult)
+    cls.TYPE: cls for cls in (CreateIntent, ConfirmIntent, ApplyPSPResult, UpdateIntent,
+                              CancelIntent, CaptureIntent, ExpireAuthorization, ApplyTaskResult)
 }
 
 
 def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, arg) for arg in typing.get_args(hint))

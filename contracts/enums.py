@@ -26,6 +26,35 @@ class EventType(StrEnum):
     INTENT_PROCESSING = "payment_intent.processing"
     INTENT_SUCCEEDED = "payment_intent.succeeded"
     INTENT_PAYMENT_FAILED = "payment_intent.payment_failed"
+    INTENT_AMOUNT_CAPTURABLE_UPDATED = "payment_intent.amount_capturable_updated"
+    INTENT_CANCELED = "payment_intent.canceled"
     CHARGE_SUCCEEDED = "charge.succeeded"
     CHARGE_FAILED = "charge.failed"
+    CHARGE_CAPTURED = "charge.captured"
+    CHARGE_REFUNDED = "charge.refunded"
     WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint.disabled"
+
+
+class CaptureMethod(StrEnum):
+    AUTOMATIC = "automatic"
+    # Stripe's asynchronous variant of automatic capture; here the same as automatic.
+    AUTOMATIC_ASYNC = "automatic_async"
+    MANUAL = "manual"
+
+
+class CancellationReason(StrEnum):
+    """What a client may give; AUTOMATIC is the system's, for an authorization that expired."""
+
+    ABANDONED = "abandoned"
+    DUPLICATE = "duplicate"
+    FRAUDULENT = "fraudulent"
+    REQUESTED_BY_CUSTOMER = "requested_by_customer"
+    AUTOMATIC = "automatic"
+
+
+class TaskKind(StrEnum):
+    """PSP work on an authorization that exists (processor/psp_tasks.py)."""
+
+    CAPTURE = "capture"
+    VOID = "void"
+    REVERSE = "reverse"

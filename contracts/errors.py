@@ -153,3 +153,10 @@ class OutcomeUnknown(ServiceUnavailable):
     """A command was not confirmed but may have been queued: retry with the same key (503)."""
 
     default_code = "outcome_unknown"
+
+
+def capture_too_large(amount: int, capturable: int) -> InvalidRequest:
+    """A capture of more than the authorization holds."""
+    return InvalidRequest(
+        f"The amount to capture ({amount}) must be less than or equal to the PaymentIntent's "
+        f"amount_capturable ({capturable}).", code="amount_too_large", param="amount_to_capture")

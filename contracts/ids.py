@@ -77,3 +77,9 @@ def client_secret(secret: bytes, intent_id: str) -> str:
 def client_secret_matches(secret: bytes, candidate: str) -> bool:
     intent, sep, _ = candidate.partition("_secret_")
     return bool(sep) and hmac.compare_digest(client_secret(secret, intent), candidate)
+
+
+def task_id(secret: bytes, cause: str, kind: str) -> str:
+    """One PSP task of a kind per cause (the message id of the command that asks for it), so a
+    command applied again asks for the same task."""
+    return derive(secret, "pt", cause, kind)

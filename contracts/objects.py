@@ -46,6 +46,10 @@ def unix(value: datetime | int) -> int:
     return value if isinstance(value, int) else int(value.timestamp())
 
 
+def _maybe_unix(value: datetime | int | None) -> int | None:
+    return None if value is None else unix(value)
+
+
 def _card(payment_method_id: str, created: int) -> dict[str, Any]:
     """What every rendering of a card shares. Stripe's test cards are US credit cards; their
     expiry is any date to come, here the December after the card was first used."""
@@ -110,14 +114,14 @@ def payment_intent(row: Mapping[str, Any], secret: bytes) -> dict[str, Any]:
         "id": row["id"],
         "object": "payment_intent",
         "amount": row["amount"],
-        "amount_capturable": 0,
+        "amount_capturable": row.get("amount_capturable") or 0,
         "amount_details": {"tip": {}},
         "amount_received": row.get("amount_received") or 0,
         "application": None,
         "application_fee_amount": None,
         "automatic_payment_methods": None,
-        "canceled_at": None,
-        "cancellation_reason": None,
+        "canceled_at": _maybe_unix(row.get("canceled_at")),
+        "cancellation_reason": row.get("cancellation_reason"),
         "capture_method": row.get("capture_method") or "automatic",
         "client_secret": ids.client_secret(secret, row["id"]),
         "confirmation_method": "automatic",
@@ -170,15 +174,17 @@ def _outcome(row: Mapping[str, Any]) -> dict[str, Any] | None:
 def charge(row: Mapping[str, Any]) -> dict[str, Any]:
     """A charge. `authorization_code` (the PSP's approval code, top level) is payonce's own;
     Stripe copies the intent's customer and description onto its charges, which a charge row
-    alone cannot, so they are null here."""
+    alone cannot, so they are null here. What an authorization gave back uncaptured (released
+    by a cancel or a partial capture, or reversed) counts as refunded, as at Stripe."""
     created = unix(row["created"])
+    refunded = (row.get("amount_released") or 0) + (row.get("amount_refunded") or 0)
     card = _card(row["payment_method"], created)
     return {
         "id": row["id"],
         "object": "charge",
         "amount": row["amount"],
         "amount_captured": row["amount_captured"],
-        "amount_refunded": 0,
+        "amount_refunded": refunded,
         "application": None,
         "application_fee": None,
         "application_fee_amount": None,
@@ -217,7 +223,7 @@ def charge(row: Mapping[str, Any]) -> dict[str, Any]:
         "receipt_email": None,
         "receipt_number": None,
         "receipt_url": None,
-        "refunded": False,
+        "refunded": refunded == row["amount"],
         "refunds": None,
         "review": None,
         "shipping": None,

@@ -12,14 +12,14 @@ from redis.exceptions import RedisError
 
 from contracts import ids, objects
 from contracts.commands import ConfirmIntent, CreateIntent
-from contracts.enums import IntentStatus
+from contracts.enums import CaptureMethod, IntentStatus
 from contracts.errors import (
     InvalidRequest,
     PayonceError,
     ResourceMissing,
     TooEarly,
 )
-from contracts.transitions import Action, next_status
+from contracts.transitions import Action, next_status, state
 from edge import params
 from edge.accept import (
     FETCH_INTENT,
@@ -77,11 +77,14 @@ async def create_intent(request: web.Request) -> web.Response:
         else:
             status = IntentStatus.REQUIRES_PAYMENT_METHOD
         now = int(time.time())
+        capture_method = values.get("capture_method") or CaptureMethod.AUTOMATIC.value
         command = CreateIntent(
             account_id=account_id, intent_id=intent_id, request_id=request[REQUEST_ID],
-            accepted_at=now, idempotency_key=key, fingerprint=fp, **values)
+            accepted_at=now, idempotency_key=key, fingerprint=fp,
+            **{**values, "capture_method": capture_method})
         projected = objects.payment_intent(
-            {**values, "id": intent_id, "status": status, "created": now}, settings.secret_bytes)
+            {**values, "capture_method": capture_method, "id": intent_id, "status": status,
+             "created": now}, settings.secret_bytes)
         return await accept(request, command, projected)
 
     with bound(intent=intent_id):
@@ -157,7 +160,7 @@ async def confirm_intent(request: web.Request) -> web.Response:
         current, _, _ = await current_view(request, intent_id)
         if current is None:
             raise await unknown_intent(request, intent_id)
-        status = next_status(Action.CONFIRM, IntentStatus(current["status"]))
+        status = next_status(Action.CONFIRM, state(current))
         payment_method = values["payment_method"] or current["payment_method"]
         if payment_method is None:
             raise InvalidRequest(
@@ -167,8 +170,10 @@ async def confirm_intent(request: web.Request) -> web.Response:
         command = ConfirmIntent(
             account_id=account_id, intent_id=intent_id, request_id=request[REQUEST_ID],
             accepted_at=int(time.time()), idempotency_key=key, fingerprint=fp,
-            payment_method=values["payment_method"])
+            payment_method=values["payment_method"],
+            capture_method=values.get("capture_method"))
         projected = {**current, "status": status, "payment_method": payment_method,
+                     "capture_method": values.get("capture_method") or current["capture_method"],
                      "last_payment_error": None}
         return await accept(request, command, projected)
 

@@ -121,7 +121,8 @@ def _ok(description: str, schema: str, status: int = 200, post: bool = False,
 
 # A charge exists once an intent is confirmed: the create links to the charge only through the
 # confirm.
-_INTENT_LINKS = dict.fromkeys(("GetPaymentIntentsIntent", "PostPaymentIntentsIntentConfirm"),
+_INTENT_LINKS = dict.fromkeys(("GetPaymentIntentsIntent", "PostPaymentIntentsIntentConfirm",
+                               "PostPaymentIntentsIntent", "PostPaymentIntentsIntentCancel"),
                               "$response.body#/id")
 _CONFIRMED_LINKS = dict.fromkeys(("GetPaymentIntentsIntent", "GetPaymentIntentsIntentCharge"),
                                  "$response.body#/id")
@@ -230,6 +231,46 @@ OPERATIONS: tuple[Operation, ...] = (
                "own field.", "payonce_charge"), **_get_errors(404, 425)},
         description="425 while the intent is processing; 404 before its first attempt.",
         path_id=_INTENT_ID),
+    # The lifecycle past confirmation (edge/lifecycle.py).
+    Operation(
+        "post", "/v1/payment_intents/{id}", "PostPaymentIntentsIntent",
+        "Update a PaymentIntent", "PaymentIntents",
+        {**_ok("The PaymentIntent as the update will leave it.", "payment_intent", 202,
+               post=True, links=_INTENT_LINKS),
+         **_post_errors(404, 425)},
+        description="Only the parameters sent change; metadata is merged (an empty value "
+                    "removes a key, an empty `metadata` removes every key). `amount`, "
+                    "`currency`, `customer`, `payment_method` and `capture_method` only "
+                    "before confirmation (400 `payment_intent_unexpected_state` after); "
+                    "`metadata` and `description` any time. A `payment_method` makes a "
+                    "`requires_payment_method` intent `requires_confirmation`.",
+        body=params.UPDATE_INTENT, body_rules={"amount": _charge_minimums()},
+        path_id=_INTENT_ID),
+    Operation(
+        "post", "/v1/payment_intents/{id}/capture", "PostPaymentIntentsIntentCapture",
+        "Capture a PaymentIntent", "PaymentIntents",
+        {**_ok("The PaymentIntent, `processing` while the PSP captures; then `succeeded` "
+               "with `amount_received`.", "payment_intent", 202, post=True,
+               links=_CONFIRMED_LINKS),
+         **_post_errors(404, 425)},
+        description="Only from `requires_capture` (400 `payment_intent_unexpected_state` "
+                    "otherwise). `amount_to_capture` defaults to `amount_capturable`; more "
+                    "is a 400 `amount_too_large`; what is not captured is released.",
+        body=params.CAPTURE_INTENT, path_id=_INTENT_ID),
+    Operation(
+        "post", "/v1/payment_intents/{id}/cancel", "PostPaymentIntentsIntentCancel",
+        "Cancel a PaymentIntent", "PaymentIntents",
+        {**_ok("The PaymentIntent, `canceled`.", "payment_intent", 202, post=True,
+               links=_INTENT_LINKS),
+         **_post_errors(404, 425)},
+        description="From any status but `succeeded` and `canceled` (400 "
+                    "`payment_intent_unexpected_state`), and not while a capture is under "
+                    "way. A cancel while the intent is processing wins: the authorization "
+                    "that comes back is voided (reversed, if it was captured). An "
+                    "authorization held for a capture is released. A cancel the processor "
+                    "finds too late (the payment succeeded before it was applied) changes "
+                    "nothing: the intent reads as it is.",
+        body=params.CANCEL_INTENT, path_id=_INTENT_ID),
     Operation(
         "get", "/v1/payment_intents", "GetPaymentIntents", "List PaymentIntents",
         "PaymentIntents",

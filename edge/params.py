@@ -26,7 +26,8 @@ from urllib.parse import parse_qsl
 import orjson
 from aiohttp import web
 
-from contracts import currencies, webhooks
+from contracts import commands, currencies, webhooks
+from contracts.enums import CancellationReason, CaptureMethod
 from contracts.errors import (
     InvalidRequest,
     ParameterInvalid,
@@ -38,7 +39,7 @@ from contracts.errors import (
 from contracts.webhook_urls import MAX_URL_LENGTH, WebhookURLError, check_url
 
 MAX_AMOUNT = 99_999_999
-METADATA_MAX_KEYS = 50
+METADATA_MAX_KEYS = commands.METADATA_MAX_KEYS
 METADATA_KEY_MAX = 40
 METADATA_VALUE_MAX = 500
 
@@ -436,6 +437,35 @@ def webhook_url(value: Any, param: str) -> str:
     return value
 
 
+def one_of(values: Collection[str]) -> Validator[str]:
+    """One of a fixed set of strings, refused in Stripe's words for an enum parameter."""
+    choices = list(values)
+    listed = f"{', '.join(choices[:-1])}, or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+    @accepts({"type": "string", "enum": choices})
+    def check(value: Any, param: str) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ParameterInvalid(f"Invalid {param}: must be one of {listed}", param=param)
+        return value
+
+    return check
+
+
+capture_method = one_of([m.value for m in CaptureMethod])
+# What a client may give; `automatic` is the system's own, for an expired authorization.
+cancellation_reason = one_of([r.value for r in CancellationReason
+                              if r is not CancellationReason.AUTOMATIC])
+
+
+@accepts({"type": "integer", "minimum": 1, "maximum": MAX_AMOUNT})
+def positive_amount(value: Any, param: str) -> int:
+    number = amount(value, param)
+    if number < 1:
+        raise ParameterInvalid(f"Invalid {param}: it must be a positive integer.",
+                               code="parameter_invalid_integer", param=param)
+    return number
+
+
 @dataclass(frozen=True, slots=True)
 class Field:
     check: Validator[Any]
@@ -473,9 +503,37 @@ CREATE_INTENT = {
     "metadata": Field(metadata),
     "payment_method": Field(payment_method),
     "confirm": Field(boolean),
+    "capture_method": Field(capture_method),
 }
 
-CONFIRM_INTENT = {"payment_method": Field(payment_method)}
+CONFIRM_INTENT = {"payment_method": Field(payment_method),
+                  "capture_method": Field(capture_method)}
+
+UPDATE_INTENT = {
+    "amount": Field(amount),
+    "currency": Field(currency),
+    "customer": Field(string(255)),
+    "description": Field(string(1000)),
+    "metadata": Field(metadata_changes),
+    "payment_method": Field(payment_method),
+    "capture_method": Field(capture_method),
+}
+# What an update cannot remove: an intent always has them (payment_method: Stripe's intents
+# keep theirs until another replaces it).
+_KEPT = ("amount", "currency", "payment_method", "capture_method")
+
+CAPTURE_INTENT = {"amount_to_capture": Field(positive_amount)}
+
+CANCEL_INTENT = {"cancellation_reason": Field(cancellation_reason)}
+
+
+# Parameters added after requests were first fingerprinted: left out of the canonical values
+# when not given, so a request retried across the upgrade is still the same request.
+_LATER = ("capture_method",)
+
+
+def _without_later(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in _LATER or v is not None}
 
 
 def create_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -486,11 +544,32 @@ def create_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
     if params["confirm"] and params["payment_method"] is None:
         raise UnexpectedState("You cannot confirm this PaymentIntent because it's missing a "
                               "payment method.", param="payment_method")
-    return params
+    return _without_later(params)
 
 
 def confirm_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return validate(raw, CONFIRM_INTENT)
+    return _without_later(validate(raw, CONFIRM_INTENT))
+
+
+def update_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """{"changes": {parameter: value} for the parameters given (None removes customer or
+    description), "metadata": metadata_changes's form or None}. Whether the intent's status
+    allows them, and the amount's minimum in its currency, are for the handler to check."""
+    params = validate(raw, UPDATE_INTENT)
+    for name in _KEPT:
+        if raw.get(name) == "":
+            raise ParameterInvalid(f"Invalid {name}: it cannot be empty.", param=name)
+    changes = {name: value for name, value in params.items()
+               if name in raw and name != "metadata"}
+    return {"changes": changes, "metadata": params["metadata"] if "metadata" in raw else None}
+
+
+def capture_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return validate(raw, CAPTURE_INTENT)
+
+
+def cancel_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return validate(raw, CANCEL_INTENT)
 
 
 CREATE_WEBHOOK_ENDPOINT = {

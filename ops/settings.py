@@ -92,6 +92,9 @@ class Settings:
     # dead-lettered, or lost with a broker's data) is published again; applying it is
     # idempotent. Far longer than a partition takes to apply a result under load.
     psp_report_timeout_s: float = 60.0
+    # An authorization not captured this long after it was made is released and its intent
+    # canceled (cancellation_reason `automatic`): Stripe's window for card payments, 7 days.
+    capture_window_s: float = 7 * 24 * 3600.0
     # Webhooks (processor/webhooks.py). Endpoints on private, loopback, link-local, multicast
     # or reserved addresses are refused unless this is on (local development and tests).
     webhook_allow_private: bool = False
@@ -146,7 +149,7 @@ class Settings:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be at least 1")
         for name in ("db_timeout_s", "publish_timeout_s", "request_timeout_s",
                      "edge_heartbeat_s", "pending_loss_grace_s", "psp_timeout_s", "psp_lease_s",
-                     "psp_report_timeout_s", "sweep_interval_s"):
+                     "psp_report_timeout_s", "sweep_interval_s", "capture_window_s"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be more than 0")
         for name in ("decline", "error", "timeout", "lost_reply"):
@@ -185,6 +188,11 @@ class Settings:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be at least 1")
         if not self.webhook_timeout_s > 0:
             raise SettingsError("PAYONCE_WEBHOOK_TIMEOUT_S must be more than 0")
+        if self.capture_window_s < self.sweep_interval_s:
+            raise SettingsError(
+                f"PAYONCE_CAPTURE_WINDOW_S ({self.capture_window_s}) must be at least "
+                f"PAYONCE_SWEEP_INTERVAL_S ({self.sweep_interval_s}): the sweeper finds "
+                "expired authorizations no sooner than that")
         if self.psp_report_timeout_s <= self.psp_lease_s:
             raise SettingsError(
                 f"PAYONCE_PSP_REPORT_TIMEOUT_S ({self.psp_report_timeout_s}) must exceed "

@@ -1,7 +1,8 @@
 """`payonce trace pi_…`: one payment's life, in order, from the database: the commands
-accepted for it, its transitions, its PSP calls and their results, its events and their
-webhook deliveries. The same ids are in every log line (edge, processor, dispatcher), so the
-logs of any of these steps are one `grep` away."""
+accepted for it, its transitions, its PSP calls (attempts, and the tasks that capture, void or
+reverse what they authorized) and their results, its events and their webhook deliveries. The
+same ids are in every log line (edge, processor, dispatcher), so the logs of any of these steps
+are one `grep` away."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ SELECT a.created_at AS at, a.updated_at, a.id, a.psp_key, a.tries, a.state, a.re
        p.created_at AS psp_at, p.outcome AS psp_outcome
 FROM payment_attempts a LEFT JOIN psp.charges p ON p.idempotency_key = a.psp_key
 WHERE a.payment_intent_id = $1
+"""
+TASKS = """
+SELECT t.created_at AS at, t.updated_at, t.id, t.kind, t.amount, t.psp_key, t.tries, t.state,
+       t.reports, t.result, o.created_at AS psp_at
+FROM psp_tasks t LEFT JOIN psp.operations o ON o.idempotency_key = t.psp_key
+WHERE t.payment_intent_id = $1
 """
 EVENTS = """
 SELECT e.created AS at, e.id, e.type, e.object_id, e.previous_attributes, e.published_at,
@@ -53,6 +60,17 @@ async def trace(database_url: str, intent_id: str, *, timeout_s: float) -> list[
                               f"{a['id']} {a['state']} after {a['tries']} tries"
                               + (f", reported {a['reports'] + 1} times" if a["reports"] else "")
                               + (f": {_result(a['result'])}" if a["result"] else "")))
+        for t in await conn.fetch(TASKS, intent_id):
+            steps.append(Step(t["at"], "task", f"{t['id']} {t['kind']} of {t['amount']}, psp "
+                                               f"key {t['psp_key']}"))
+            if t["psp_at"] is not None:
+                steps.append(Step(t["psp_at"], "psp", f"{t['psp_key']}: {t['kind']} done"))
+            result = t["result"]
+            steps.append(Step(t["updated_at"], "task",
+                              f"{t['id']} {t['state']} after {t['tries']} tries"
+                              + (f", reported {t['reports'] + 1} times" if t["reports"] else "")
+                              + ("" if result is None else ": succeeded" if result["succeeded"]
+                                 else f": refused, {result['failure_message']}")))
         events = list(await conn.fetch(EVENTS, intent_id))
         for e in events:
             change = ""

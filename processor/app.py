@@ -1,6 +1,6 @@
-"""The processor process: partition consumers, PSP attempts, and background loops (the
-attempt sweeper, the dead-letter watcher and, unless `payonce relay` runs it apart, the outbox
-relay), plus `/health`, `/ready` and `/metrics` on their own port."""
+"""The processor process: partition consumers, PSP attempts and tasks, and background loops
+(the attempt sweeper, the PSP task sweeper, the dead-letter watcher and, unless `payonce relay`
+runs it apart, the outbox relay), plus `/health`, `/ready` and `/metrics` on their own port."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from ops.postgres import Database, create_pool
 from ops.settings import Settings
 from processor import metrics
 from processor.attempts import AttemptRunner
-from processor.batches import Batch
+from processor.batches import Batch, Intents
 from processor.consumer import Gate, PartitionConsumer
 from processor.deadletters import DeadLetterWatcher
-from processor.intents import Intents
 from processor.outbox import OutboxRelay, read_outbox_lag, stale_after_s
 from processor.psp import SimulatedPSP
+from processor.psp_tasks import TaskRunner
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +77,24 @@ class Processor:
 
         self._pool: Database = pool
         self._redis, self._amqp = redis, connection
-        self.attempts = AttemptRunner(pool, SimulatedPSP(psp_pool, s), publisher, s,
-                                      topology.commands)
+        psp = SimulatedPSP(psp_pool, s)
+        self.attempts = AttemptRunner(pool, psp, publisher, s, topology.commands)
+        self.tasks = TaskRunner(pool, psp, publisher, s, topology.commands)
         intents = Intents(pool, s.secret_bytes, topology)
         pending = PendingCommands(redis, ttl_s=s.pending_ttl_s)
         gate = Gate()
         for partition in range(s.partitions):
             consumer = PartitionConsumer(
                 connection, topology, partition, intents, pending, self.attempts.kick,
-                s.prefetch, pool, gate, batch=lambda: Batch(s.secret_bytes, topology))
+                s.prefetch, pool, gate, batch=lambda: Batch(s.secret_bytes, topology),
+                on_tasks=self.tasks.kick)
             await consumer.start()
             self._consumers.append(consumer)
         watcher = DeadLetterWatcher(connection, topology, pending)
         stale_s = stale_after_s(s)
         self._loops = [
             Loop("attempt_sweeper", self.attempts.sweep, stale_after_s=stale_s),
+            Loop("psp_task_sweeper", self.tasks.sweep, stale_after_s=stale_s),
             Loop("dead_letter_watcher", watcher.run, stale_after_s=stale_s),
         ]
         if s.processor_relay:
@@ -141,7 +144,8 @@ class Processor:
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         log.info("processor stopping")
         await asyncio.gather(*(c.stop(self.settings.shutdown_grace_s) for c in self._consumers))
-        await self.attempts.stop(max(deadline - time.monotonic(), 1.0))
+        await asyncio.gather(self.attempts.stop(max(deadline - time.monotonic(), 1.0)),
+                             self.tasks.stop(max(deadline - time.monotonic(), 1.0)))
         await asyncio.gather(*(loop.stop() for loop in self._loops))
         if self._runner is not None:
             await self._runner.cleanup()

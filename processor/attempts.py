@@ -23,9 +23,10 @@ import contextlib
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from contracts.commands import ApplyPSPResult
+from contracts.commands import ApplyPSPResult, Command
 from contracts.topology import CommandPublisher, PublishFailed
 from ops import failpoints
 from ops.logs import bound
@@ -91,6 +92,25 @@ ORDER BY next_try_at
 LIMIT $1
 """
 
+
+@dataclass(frozen=True, slots=True)
+class LeaseSQL:
+    """The statements of the lease protocol for one table of PSP work (this module's
+    docstring); processor/psp_tasks.py runs its tasks with the same protocol on its own."""
+
+    claim: str
+    renew: str
+    store_result: str
+    reported: str
+    retry_later: str
+    release: str
+    rereport: str
+    due: str
+
+
+ATTEMPTS_SQL = LeaseSQL(CLAIM, RENEW, STORE_RESULT, REPORTED, RETRY_LATER, RELEASE, REREPORT,
+                        DUE)
+
 # Retries with the same key inside one claim, spaced by 0.2 s doubling to what the lease
 # leaves after a call (Settings.psp_max_pause_s).
 BACKOFF_START_S = 0.2
@@ -99,6 +119,13 @@ MAX_REPORTS = 5
 
 
 class AttemptRunner:
+    """Runs payment_attempts: the PSP authorization of each, then its result reported.
+    Subclasses run other PSP work with the same protocol by giving their own `sql` and `name`
+    and their own `_psp_call`, `_rejected`, `_give_up` and `_result_command`."""
+
+    sql: LeaseSQL = ATTEMPTS_SQL
+    name = "attempt"
+
     def __init__(
         self, pool: Database, psp: PSP, publisher: CommandPublisher, settings: Settings,
         commands_exchange: str,
@@ -118,15 +145,17 @@ class AttemptRunner:
         self._reported: Coalescer[str, None] = Coalescer(self._report_many)
 
     async def _claim_many(self, rows: list[tuple[str, Any]]) -> dict[str, Any]:
-        claimed = await self._pool.fetch(CLAIM, [i for i, _ in rows], self._settings.psp_lease_s)
+        claimed = await self._pool.fetch(self.sql.claim, [i for i, _ in rows],
+                                         self._settings.psp_lease_s)
         return {row["id"]: row for row in claimed}
 
     async def _store_many(self, rows: list[tuple[str, Any]]) -> dict[str, Any]:
-        stored = await self._pool.fetch(STORE_RESULT, [i for i, _ in rows], [r for _, r in rows])
+        stored = await self._pool.fetch(self.sql.store_result, [i for i, _ in rows],
+                                        [r for _, r in rows])
         return {row["id"]: row["result"] for row in stored}
 
     async def _report_many(self, rows: list[tuple[str, Any]]) -> dict[str, None]:
-        await self._pool.execute(REPORTED, [i for i, _ in rows])
+        await self._pool.execute(self.sql.reported, [i for i, _ in rows])
         return {}
 
     def kick(self, attempt_ids: list[str]) -> None:
@@ -161,19 +190,19 @@ class AttemptRunner:
             if attempt is None:
                 return
             with bound(request_id=attempt["request_id"], account=attempt["account_id"],
-                       intent=attempt["payment_intent_id"], attempt=attempt_id):
+                       intent=attempt["payment_intent_id"], **{self.name: attempt_id}):
                 await self._settle(attempt)
         except Exception as exc:
             transient = is_transient(exc)
             metrics.TRANSIENT_FAILURES.labels(
-                "attempt" if transient else "attempt_unexpected").inc()
+                self.name if transient else f"{self.name}_unexpected").inc()
             log.warning("attempt interrupted; the sweeper resumes it",
                         extra={"ids": {"attempt": attempt_id, "error": repr(exc)}},
                         exc_info=not transient)
             # No PSP call of ours is under way any more: give the lease back, so the next
             # sweep resumes the attempt instead of waiting for the lease to run out.
             with contextlib.suppress(Exception):
-                await self._pool.execute(RELEASE, attempt_id)
+                await self._pool.execute(self.sql.release, attempt_id)
 
     async def _settle(self, attempt: Any) -> None:
         attempt_id = attempt["id"]
@@ -181,21 +210,18 @@ class AttemptRunner:
         result = PSPResult.from_json(stored) if stored else await self._call_psp(attempt)
         if result is None:
             return
-        failpoints.hit("processor.after_psp_call")
+        failpoints.hit("processor.after_psp_call", self.name)
         if stored is None:
             kept = await self._store(attempt_id, result.to_json())
             assert kept is not None, attempt_id  # the row exists: this runner claimed it
             result = PSPResult.from_json(kept)
-        command = ApplyPSPResult(
-            account_id=attempt["account_id"], intent_id=attempt["payment_intent_id"],
-            request_id=attempt["request_id"] or "", accepted_at=int(time.time()),
-            attempt_id=attempt_id, **result.to_json())
+        command = self._result_command(attempt, result)
         try:
             await self._publisher.publish(command)
         except PublishFailed as exc:
             log.warning("could not publish psp result; retrying",
                         extra={"ids": {"error": str(exc)}})
-            await self._pool.execute(RETRY_LATER, attempt_id, 1.0)
+            await self._pool.execute(self.sql.retry_later, attempt_id, 1.0)
             return
         await self._reported(attempt_id)
         log.info("psp result reported", extra={"ids": {"succeeded": result.succeeded}})
@@ -210,9 +236,7 @@ class AttemptRunner:
             outcome = "error"
             try:
                 async with asyncio.timeout(s.psp_timeout_s):
-                    result = await self._psp.charge(
-                        attempt["psp_key"], amount=attempt["amount"],
-                        currency=attempt["currency"], payment_method=attempt["payment_method"])
+                    result = await self._psp_call(attempt)
             except TimeoutError:
                 outcome = "timeout"
                 log.warning("psp timed out; retrying with the same key",
@@ -223,7 +247,7 @@ class AttemptRunner:
             except PSPRejected as exc:
                 outcome = "rejected"
                 log.error("psp rejected the request", extra={"ids": {"error": str(exc)}})
-                return _processing_error()
+                return self._rejected(str(exc))
             else:
                 outcome = "succeeded" if result.succeeded else "declined"
                 return result
@@ -232,13 +256,28 @@ class AttemptRunner:
                 metrics.PSP_CALLS.labels(outcome).inc()
                 metrics.PSP_SECONDS.labels(outcome).observe(time.perf_counter() - started)
             if self._stopping:
-                await self._pool.execute(RELEASE, attempt["id"])
+                await self._pool.execute(self.sql.release, attempt["id"])
                 return None
             # Renewed before the pause, so the lease covers the pause and the next call.
-            await self._pool.execute(RENEW, attempt["id"], s.psp_lease_s)
+            await self._pool.execute(self.sql.renew, attempt["id"], s.psp_lease_s)
             await asyncio.sleep(delay)
             delay = min(delay * 2, s.psp_max_pause_s)
         return await self._give_up(attempt)
+
+    async def _psp_call(self, attempt: Any) -> PSPResult:
+        return await self._psp.charge(
+            attempt["psp_key"], amount=attempt["amount"], currency=attempt["currency"],
+            payment_method=attempt["payment_method"], capture=attempt["capture"])
+
+    def _rejected(self, reason: str) -> PSPResult:
+        """The result of a request the PSP refused outright."""
+        return _processing_error()
+
+    def _result_command(self, attempt: Any, result: PSPResult) -> Command:
+        return ApplyPSPResult(
+            account_id=attempt["account_id"], intent_id=attempt["payment_intent_id"],
+            request_id=attempt["request_id"] or "", accepted_at=int(time.time()),
+            attempt_id=attempt["id"], **result.to_json())
 
     async def _give_up(self, attempt: Any) -> PSPResult | None:
         """Out of tries: ask the PSP whether the charge exists. If it does, that is the answer;
@@ -249,7 +288,8 @@ class AttemptRunner:
                 found = await self._psp.lookup(attempt["psp_key"])
         except (TimeoutError, PSPUnavailable):
             log.warning("psp lookup failed; the attempt is retried later")
-            await self._pool.execute(RETRY_LATER, attempt["id"], self._settings.psp_max_pause_s)
+            await self._pool.execute(self.sql.retry_later, attempt["id"],
+                                    self._settings.psp_max_pause_s)
             return None
         if found is not None:
             return found
@@ -259,19 +299,21 @@ class AttemptRunner:
     async def sweep(self, loop: Loop) -> None:
         """The sweeper's body (ops.loops.Loop): resume attempts whose processor died or that
         are due for another try, and report again results that were never applied."""
-        s = self._settings
         while True:
-            again = await self._pool.fetch(REREPORT, self._commands_exchange, MAX_REPORTS,
-                                           s.psp_report_timeout_s, SWEEP_BATCH)
-            if again:
-                metrics.RESULTS_REREPORTED.inc(len(again))
-                log.warning("psp results reported again: not applied in time",
-                            extra={"ids": {"attempts": len(again)}})
-            rows = await self._pool.fetch(DUE, SWEEP_BATCH, self._commands_exchange)
-            self.kick([r["id"] for r in rows])
+            await self.sweep_once()
             await self._pool.execute(FORGET_OLD_STARTS)
             loop.beat()
-            await asyncio.sleep(s.sweep_interval_s)
+            await asyncio.sleep(self._settings.sweep_interval_s)
+
+    async def sweep_once(self) -> None:
+        again = await self._pool.fetch(self.sql.rereport, self._commands_exchange, MAX_REPORTS,
+                                       self._settings.psp_report_timeout_s, SWEEP_BATCH)
+        if again:
+            metrics.RESULTS_REREPORTED.inc(len(again))
+            log.warning("psp results reported again: not applied in time",
+                        extra={"ids": {f"{self.name}s": len(again)}})
+        rows = await self._pool.fetch(self.sql.due, SWEEP_BATCH, self._commands_exchange)
+        self.kick([r["id"] for r in rows])
 
     async def stop(self, grace_s: float) -> None:
         """Let PSP calls under way finish (a call cut off is only retried later, with the same

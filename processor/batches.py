@@ -30,16 +30,27 @@ from typing import Any, Generic, TypeVar
 
 from contracts import ids, objects
 from contracts.commands import ApplyPSPResult, ClientCommand, Command, ConfirmIntent, CreateIntent
-from contracts.enums import ChargeStatus, EventType, IntentStatus
+from contracts.enums import CaptureMethod, ChargeStatus, EventType, IntentStatus, TaskKind
 from contracts.errors import PayonceError, ResourceMissing
 from contracts.topology import Topology
-from contracts.transitions import Action, next_status
+from contracts.transitions import Action, next_status, state
 from processor.intents import (
+    FORGET_START,
+    LOCK_INTENTS,
     Applied,
+    Rows,
     event_values,
     missing_payment_method,
     outcome_events,
     psp_transition,
+)
+from processor.lifecycle import (
+    CLIENT_COMMANDS,
+    INSERT_TASKS,
+    LOCK_CHARGES,
+    SYSTEM_COMMANDS,
+    Lifecycle,
+    task_values,
 )
 
 log = logging.getLogger(__name__)
@@ -65,28 +76,27 @@ WHERE i.account_id = u.a AND i.idempotency_key = u.k
 """
 INSERT_INTENTS = """
 INSERT INTO payment_intents (id, account_id, amount, currency, status, customer, description,
-                             metadata, payment_method, created)
-SELECT i, a, amt, cur, st::payment_intent_status, cu, d, m, pm, to_timestamp(t)
+                             metadata, payment_method, created, capture_method)
+SELECT i, a, amt, cur, st::payment_intent_status, cu, d, m, pm, to_timestamp(t), cm
 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-            $7::text[], $8::jsonb[], $9::text[], $10::bigint[])
-     AS u(i, a, amt, cur, st, cu, d, m, pm, t)
+            $7::text[], $8::jsonb[], $9::text[], $10::bigint[], $11::text[])
+     AS u(i, a, amt, cur, st, cu, d, m, pm, t, cm)
 RETURNING *
 """
-# Different partitions never hold the same intent (partition = hash of its id), so
-# concurrent batches never wait on each other's locks.
-LOCK_INTENTS = "SELECT * FROM payment_intents WHERE id = ANY($1::text[]) FOR UPDATE"
 START_ATTEMPTS = """
 UPDATE payment_intents p
-SET status = 'processing', payment_method = u.pm, last_payment_error = NULL, updated_at = now()
-FROM unnest($1::text[], $2::text[]) AS u(i, pm)
+SET status = 'processing', payment_method = u.pm, capture_method = u.cm,
+    last_payment_error = NULL, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[]) AS u(i, pm, cm)
 WHERE p.id = u.i
 RETURNING p.*
 """
 INSERT_ATTEMPTS = """
 INSERT INTO payment_attempts (id, account_id, payment_intent_id, charge_id, psp_key, amount,
-                              currency, payment_method, request_id, commands_exchange)
+                              currency, payment_method, request_id, commands_exchange, capture)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                     $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[])
+                     $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[],
+                     $11::boolean[])
 """
 # Settles the attempts not settled yet; the ones missing from the answer are unknown or done.
 SETTLE_ATTEMPTS = """
@@ -108,8 +118,9 @@ RETURNING *
 FINISH_INTENTS = """
 UPDATE payment_intents p
 SET status = u.s::payment_intent_status, amount_received = u.r, latest_charge = u.c,
-    last_payment_error = u.e, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::jsonb[]) AS u(i, s, r, c, e)
+    last_payment_error = u.e, amount_capturable = u.k, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::jsonb[], $6::bigint[])
+     AS u(i, s, r, c, e, k)
 WHERE p.id = u.i
 RETURNING p.*
 """
@@ -127,20 +138,6 @@ SELECT pg_notify('payonce_events', '')
 """
 
 
-class _Rows:
-    """Rows for one multi-row statement, gathered column by column."""
-
-    def __init__(self, width: int) -> None:
-        self.columns: list[list[Any]] = [[] for _ in range(width)]
-
-    def add(self, *values: Any) -> None:
-        for column, value in zip(self.columns, values, strict=True):
-            column.append(value)
-
-    def __bool__(self) -> bool:
-        return bool(self.columns[0])
-
-
 class Batch:
     """One batch's transaction: `apply(conn, commands)` gives each command its Applied."""
 
@@ -148,27 +145,32 @@ class Batch:
         self._secret = secret
         self._events_exchange = topology.events
         self._commands_exchange = topology.commands
+        self._lifecycle = Lifecycle(secret, topology.commands, self._event)
 
     async def apply(self, conn: Any, commands: list[Command]) -> list[Applied]:
         """Each command's outcome, in order; the caller holds the transaction. One Batch per
         transaction: it gathers the transaction's events."""
         results: list[Applied | None] = [None] * len(commands)
-        self._events = _Rows(9)
+        self._events = Rows(9)
         client = [(i, c) for i, c in enumerate(commands) if isinstance(c, ClientCommand)]
         results_psp = [(i, c) for i, c in enumerate(commands) if isinstance(c, ApplyPSPResult)]
+        system = [(i, c) for i, c in enumerate(commands) if isinstance(c, SYSTEM_COMMANDS)]
         if client:
             for i, applied in await self._client(conn, [c for _, c in client]):
                 results[client[i][0]] = applied
         if results_psp:
             for i, applied in await self._psp_results(conn, [c for _, c in results_psp]):
                 results[results_psp[i][0]] = applied
+        if system:
+            for i, applied in await self._lifecycle.apply(conn, system, Rows(3)):
+                results[i] = applied
         if self._events:
             await conn.execute(INSERT_EVENTS, *self._events.columns)
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
     async def _client(self, conn: Any, commands: list[ClientCommand]) -> list[tuple[int, Applied]]:
-        inbox = _Rows(6)
+        inbox = Rows(6)
         for c in commands:
             inbox.add(c.account_id, c.idempotency_key, c.fingerprint, c.TYPE, c.intent_id,
                       c.request_id)
@@ -183,7 +185,7 @@ class Batch:
                 # The single path also tells a same-key-other-request duplicate apart; the
                 # outcome is the same (nothing more is done), so the batch does not ask.
                 done.append((i, Applied("duplicate")))
-        rejected = _Rows(3)
+        rejected = Rows(3)
         creates: list[tuple[int, ClientCommand]] = []
         for i, c in fresh:
             if isinstance(c, CreateIntent) and c.confirm and c.payment_method is None:
@@ -194,16 +196,19 @@ class Batch:
             elif isinstance(c, CreateIntent):
                 creates.append((i, c))
         confirms = [(i, c) for i, c in fresh if isinstance(c, ConfirmIntent)]
+        lifecycle = [(i, c) for i, c in fresh if isinstance(c, CLIENT_COMMANDS)]
+        if lifecycle:
+            done.extend(await self._lifecycle.apply(conn, lifecycle, rejected))
         rows: dict[str, Any] = {}
         if creates:
-            intents = _Rows(10)
+            intents = Rows(11)
             for _, c in creates:
                 assert isinstance(c, CreateIntent)
                 status = (IntentStatus.REQUIRES_CONFIRMATION if c.payment_method
                           else IntentStatus.REQUIRES_PAYMENT_METHOD)
                 intents.add(c.intent_id, c.account_id, c.amount, c.currency, status.value,
                             c.customer, c.description, c.metadata, c.payment_method,
-                            c.accepted_at)
+                            c.accepted_at, c.capture_method)
             for row in await conn.fetch(INSERT_INTENTS, *intents.columns):
                 rows[row["id"]] = row
             for _, c in creates:
@@ -211,7 +216,7 @@ class Batch:
         if confirms:
             for row in await conn.fetch(LOCK_INTENTS, [c.intent_id for _, c in confirms]):
                 rows[row["id"]] = row
-        starts: list[tuple[int, ClientCommand, Any, str]] = []
+        starts: list[tuple[int, ClientCommand, Any, str, str]] = []
         for i, c in [*creates, *confirms]:
             row = rows.get(c.intent_id)
             try:
@@ -226,14 +231,16 @@ class Batch:
                     if row is None or row["account_id"] != c.account_id:
                         raise ResourceMissing(f"No such payment_intent: '{c.intent_id}'")
                     payment_method = c.payment_method or row["payment_method"]
-                next_status(Action.CONFIRM, IntentStatus(row["status"]))
+                next_status(Action.CONFIRM, state(row))
                 if payment_method is None:
                     raise missing_payment_method()
             except PayonceError as exc:
                 rejected.add(c.account_id, c.idempotency_key, exc.body()["error"])
                 done.append((i, Applied("rejected", detail=exc.message)))
                 continue
-            starts.append((i, c, row, payment_method))
+            capture_method = (c.capture_method if isinstance(c, ConfirmIntent)
+                              else None) or row["capture_method"]
+            starts.append((i, c, row, payment_method, capture_method))
         if rejected:
             await conn.execute(REJECT_INBOX, *rejected.columns)
         if starts:
@@ -241,19 +248,19 @@ class Batch:
         return done
 
     async def _start_attempts(
-        self, conn: Any, starts: list[tuple[int, ClientCommand, Any, str]]
+        self, conn: Any, starts: list[tuple[int, ClientCommand, Any, str, str]]
     ) -> list[tuple[int, Applied]]:
         updated = {row["id"]: row for row in await conn.fetch(
-            START_ATTEMPTS, [c.intent_id for _, c, _, _ in starts],
-            [pm for _, _, _, pm in starts])}
-        attempts = _Rows(10)
+            START_ATTEMPTS, [c.intent_id for _, c, _, _, _ in starts],
+            [pm for _, _, _, pm, _ in starts], [cm for _, _, _, _, cm in starts])}
+        attempts = Rows(11)
         done: list[tuple[int, Applied]] = []
-        for i, c, row, payment_method in starts:
+        for i, c, row, payment_method, capture_method in starts:
             attempt_id = ids.attempt_id(self._secret, c.intent_id, c.idempotency_key)
             attempts.add(attempt_id, c.account_id, c.intent_id,
                          ids.charge_id(self._secret, attempt_id), f"payonce_{attempt_id}",
                          row["amount"], row["currency"], payment_method, c.request_id,
-                         self._commands_exchange)
+                         self._commands_exchange, capture_method != CaptureMethod.MANUAL)
             self._event(c, EventType.INTENT_PROCESSING, updated[c.intent_id],
                         previous={"status": row["status"]})
             done.append((i, Applied("applied", attempts=[attempt_id])))
@@ -275,17 +282,20 @@ class Batch:
             return done
         intents = {row["id"]: row for row in await conn.fetch(
             LOCK_INTENTS, [a["payment_intent_id"] for _, _, a in live])}
-        charges = _Rows(13)
+        charges = Rows(13)
         for _, r, a in live:
+            captured = a["amount"] if r.succeeded and r.captured else 0
             charges.add(a["charge_id"], r.account_id, a["payment_intent_id"], a["id"],
-                        a["amount"], a["amount"] if r.succeeded else 0, a["currency"],
+                        a["amount"], captured, a["currency"],
                         (ChargeStatus.SUCCEEDED if r.succeeded else ChargeStatus.FAILED).value,
                         a["payment_method"], r.authorization_code, r.failure_code,
                         r.failure_message, r.decline_code)
         charge_rows = {row["attempt_id"]: row for row in await conn.fetch(
             INSERT_CHARGES, *charges.columns)}
-        finish = _Rows(5)
-        finished: list[tuple[int, ApplyPSPResult, Any, Any, IntentStatus]] = []
+        finish = Rows(6)
+        finished: list[tuple[int, ApplyPSPResult, Any, Any, Applied]] = []
+        # Authorizations that came back to an intent canceled meanwhile: given back.
+        give_back: list[tuple[ApplyPSPResult, Any, Any, Applied]] = []
         for i, r, a in live:
             row = intents[a["payment_intent_id"]]
             charge = charge_rows[a["id"]]
@@ -293,27 +303,79 @@ class Batch:
             if status is None:
                 done.append((i, Applied("rejected", detail=f"intent is {row['status']}")))
                 continue
-            if r.succeeded:
-                finish.add(row["id"], status.value, row["amount"], charge["id"], None)
-            else:
+            applied = Applied("applied", detail=status)
+            if status is IntentStatus.CANCELED:
+                finish.add(row["id"], status.value, row["amount_received"], charge["id"],
+                           row["last_payment_error"], 0)
+                if r.succeeded:
+                    give_back.append((r, a, charge, applied))
+            elif not r.succeeded:
                 finish.add(row["id"], status.value, 0, charge["id"],
-                           objects.payment_error(charge))
-            finished.append((i, r, row, charge, status))
+                           objects.payment_error(charge), 0)
+            elif r.captured:
+                finish.add(row["id"], status.value, row["amount"], charge["id"], None, 0)
+            else:
+                finish.add(row["id"], status.value, 0, charge["id"], None, row["amount"])
+            finished.append((i, r, row, charge, applied))
+        if give_back:
+            await self._give_back(conn, give_back)
         if finish:
             updated = {u["id"]: u for u in await conn.fetch(FINISH_INTENTS, *finish.columns)}
-            for i, r, row, charge, new_status in finished:
-                charge_event, intent_event = outcome_events(r.succeeded)
-                self._event(r, charge_event, charge, rendered=objects.charge(charge))
-                self._event(r, intent_event, updated[row["id"]],
-                            previous={"status": row["status"]})
-                done.append((i, Applied("applied", detail=new_status)))
+            for i, r, row, charge, applied in finished:
+                after = updated[row["id"]]
+                self._event(r, outcome_events(r.succeeded)[0], charge,
+                            rendered=objects.charge(charge))
+                if after["status"] != IntentStatus.CANCELED:
+                    self._event(r, result_event(r), after, previous={"status": row["status"]})
+                done.append((i, applied))
         return done
+
+    async def _give_back(self, conn: Any,
+                         give_back: list[tuple[ApplyPSPResult, Any, Any, Applied]]) -> None:
+        """Void the authorizations (reverse the captures) that came back to canceled intents:
+        a cancel accepted while the intent was processing wins."""
+        authorizations = {c["id"]: c for c in await conn.fetch(
+            LOCK_CHARGES, [charge["id"] for _, _, charge, _ in give_back])}
+        tasks = Rows(10)
+        for r, a, charge, applied in give_back:
+            kind = TaskKind.REVERSE if r.captured else TaskKind.VOID
+            values = task_values(self._secret, r, kind, authorizations[charge["id"]],
+                                 a["amount"], self._commands_exchange)
+            tasks.add(*values)
+            applied.tasks.append(values[0])
+            applied.detail = f"canceled; {kind} asked"
+        await conn.execute(INSERT_TASKS, *tasks.columns)
 
     def _event(self, command: Command, event_type: EventType, row: Any, *,
                previous: dict[str, Any] | None = None,
                rendered: dict[str, Any] | None = None) -> None:
         self._events.add(*event_values(self._secret, self._events_exchange, command,
                                        event_type, row, previous=previous, rendered=rendered))
+
+
+def result_event(result: ApplyPSPResult) -> EventType:
+    """The intent's event for an attempt's result that found it processing."""
+    if result.succeeded and not result.captured:
+        return EventType.INTENT_AMOUNT_CAPTURABLE_UPDATED
+    return outcome_events(result.succeeded)[1]
+
+
+class Intents:
+    """Applies one command alone, as a batch of one, in a transaction of its own."""
+
+    def __init__(self, pool: Any, secret: bytes, topology: Topology) -> None:
+        self._pool = pool
+        self._secret = secret
+        self._topology = topology
+
+    async def apply(self, command: Command, *, journal: tuple[str, str] | None = None) -> Applied:
+        """Apply `command`; `journal` (queue, message id) names the record of its start that
+        the transaction deletes (processor/consumer.py)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if journal is not None:
+                await conn.execute(FORGET_START, *journal)
+            [applied] = await Batch(self._secret, self._topology).apply(conn, [command])
+            return applied
 
 
 class Coalescer(Generic[K, V]):

@@ -35,8 +35,8 @@ from ops import failpoints
 from ops.logs import bound
 from ops.postgres import Database, is_transient
 from processor import metrics
-from processor.batches import Batch
-from processor.intents import FORGET_START, Applied, Intents
+from processor.batches import Batch, Intents
+from processor.intents import FORGET_START, Applied
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +248,14 @@ class PartitionConsumer:
         db: Database,
         gate: Gate,
         batch: Callable[[], Batch] | None = None,
+        on_tasks: Callable[[list[str]], None] | None = None,
     ) -> None:
         self._connection = connection
         self._queue_name = topology.queue(partition)
         self._intents = intents
         self._pending = pending
         self._on_attempts = on_attempts
+        self._on_tasks = on_tasks
         self._prefetch = prefetch
         self._db = db
         self._gate = gate
@@ -308,6 +310,8 @@ class PartitionConsumer:
             await self._settle(message)
             if result.attempts:
                 self._on_attempts(result.attempts)
+            if result.tasks and self._on_tasks is not None:
+                self._on_tasks(result.tasks)
 
     async def _run(self, command: Command, suspect: bool) -> Applied | None:
         """The result, or None when the command is to be dead-lettered."""

@@ -32,7 +32,8 @@ TRANSIENT_FAILURES = Counter(
     "payonce_processor_transient_failures_total", "Retried failures of a dependency", ["where"]
 )
 # Exported at 0 from the start, so dashboards and alerts see the series before any failure.
-for _where in ("apply", "pending_marker", "attempt", "attempt_unexpected"):
+for _where in ("apply", "pending_marker", "attempt", "attempt_unexpected", "psp_task",
+               "psp_task_unexpected", "expiry"):
     TRANSIENT_FAILURES.labels(_where)
 PSP_CALLS = Counter(
     "payonce_processor_psp_calls_total",
@@ -76,4 +77,8 @@ ATTEMPTS_DEFERRED = Counter(
 RESULTS_REREPORTED = Counter(
     "payonce_processor_results_rereported_total",
     "PSP results published again because they were not applied in time",
+)
+AUTHORIZATIONS_EXPIRED = Counter(
+    "payonce_processor_authorizations_expired_total",
+    "Uncaptured authorizations past the capture window, sent to be canceled",
 )

@@ -5,6 +5,12 @@ The simulator behaves as a real PSP does for what payonce relies on: it keeps it
 answer, never a second charge), answers after a network-like latency, and fails at
 configurable rates: declines, 5xx errors, and timeouts before or after it committed the charge.
 Stripe's test payment methods decide the outcome deterministically.
+
+A charge is captured at once, or only authorized (`capture=False`). An authorization is then
+settled once, by a capture of at most what it holds (the rest is released) or by a void; a
+captured charge can be reversed once. Each of these operations has its own idempotency key
+(`psp.operations`), and the books refuse a second settlement of an authorization whatever
+its key: captured - released - reversed is what moved, never two captures.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ class PSPResult:
     failure_code: str | None = None
     decline_code: str | None = None
     failure_message: str | None = None
+    # An authorization only, when the charge asked not to capture. Results stored before
+    # authorizations existed lack it: they were all captured.
+    captured: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,10 +64,15 @@ class PSPRejected(PSPError):
 
 class PSP(Protocol):
     async def charge(
-        self, key: str, *, amount: int, currency: str, payment_method: str
+        self, key: str, *, amount: int, currency: str, payment_method: str,
+        capture: bool = True,
     ) -> PSPResult: ...
 
     async def lookup(self, key: str) -> PSPResult | None: ...
+
+    async def operate(
+        self, key: str, *, kind: str, authorization_key: str, amount: int
+    ) -> PSPResult: ...
 
 
 def _declined(code: str, decline: str, message: str) -> PSPResult:
@@ -96,16 +110,45 @@ ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING *
 """
 FETCH_CHARGE = "SELECT * FROM psp.charges WHERE idempotency_key = $1"
+FETCH_OPERATION = "SELECT * FROM psp.operations WHERE idempotency_key = $1"
+LOCK_AUTHORIZATION = "SELECT * FROM psp.charges WHERE idempotency_key = $1 FOR UPDATE"
+OPERATIONS_OF = "SELECT * FROM psp.operations WHERE charge_key = $1"
+INSERT_OPERATION = """
+INSERT INTO psp.operations (idempotency_key, charge_key, kind, amount) VALUES ($1, $2, $3, $4)
+"""
 
 
 def _result(row: Any) -> PSPResult:
     return PSPResult(
-        succeeded=row["outcome"] == "captured",
+        succeeded=row["outcome"] != "declined",
         authorization_code=row["authorization_code"],
         failure_code=row["failure_code"],
         decline_code=row["decline_code"],
         failure_message=row["failure_message"],
+        captured=row["outcome"] == "captured",
     )
+
+
+def _operation_refusal(kind: str, amount: int, charge: Any, done: list[Any]) -> str | None:
+    """Why the books refuse the operation on this charge, or None."""
+    settled = [op for op in done if op["kind"] in ("capture", "void")]
+    captured = charge["amount"] if charge["outcome"] == "captured" else sum(
+        op["amount"] for op in done if op["kind"] == "capture")
+    if kind in ("capture", "void"):
+        if charge["outcome"] != "authorized":
+            return f"the charge is {charge['outcome']}, not an authorization"
+        if settled:
+            return f"the authorization was already settled by a {settled[0]['kind']}"
+        if amount > charge["amount"]:
+            return f"cannot {kind} {amount}: the authorization holds {charge['amount']}"
+        return None
+    if not captured:
+        return "nothing of the charge was captured"
+    if any(op["kind"] == "reverse" for op in done):
+        return "the charge was already reversed"
+    if amount != captured:
+        return f"a reversal gives back what was captured ({captured}), not {amount}"
+    return None
 
 
 class SimulatedPSP:
@@ -129,9 +172,9 @@ class SimulatedPSP:
             return outcome
         return PSPResult(True, authorization_code=f"{self._rng.randrange(10**6):06d}")
 
-    async def charge(
-        self, key: str, *, amount: int, currency: str, payment_method: str
-    ) -> PSPResult:
+    async def _faults(self) -> float:
+        """Latency, then a 5xx or no answer at the configured rates; the roll, for a reply
+        lost after the commit."""
         s = self._settings
         await self._latency()
         roll = self._rng.random()
@@ -139,20 +182,63 @@ class SimulatedPSP:
             raise PSPUnavailable("PSP answered 503")
         if roll < s.psp_error_rate + s.psp_timeout_rate:
             await asyncio.Event().wait()  # never answers; the caller's timeout fires
-        request_hash = hashlib.sha256(f"{amount}:{currency}:{payment_method}".encode()).hexdigest()
+        return roll
+
+    async def _lose_reply(self, roll: float) -> None:
+        s = self._settings
+        if roll < s.psp_error_rate + s.psp_timeout_rate + s.psp_lost_reply_rate:
+            await asyncio.Event().wait()  # committed, but the reply is lost
+
+    async def charge(
+        self, key: str, *, amount: int, currency: str, payment_method: str,
+        capture: bool = True,
+    ) -> PSPResult:
+        roll = await self._faults()
+        # An authorization-only request is another request than a charge: a key reused
+        # across the two is refused.
+        what = f"{amount}:{currency}:{payment_method}" + ("" if capture else ":authorize")
+        request_hash = hashlib.sha256(what.encode()).hexdigest()
         decided = self._decide(payment_method)
+        outcome = "declined" if not decided.succeeded else "captured" if capture else "authorized"
         row = await self._pool.fetchrow(
             INSERT_CHARGE, key, request_hash, amount, currency, payment_method,
-            "captured" if decided.succeeded else "declined", decided.authorization_code,
+            outcome, decided.authorization_code,
             decided.failure_code, decided.decline_code, decided.failure_message)
         if row is None:  # the key was seen before: answer what was decided then
             row = await self._pool.fetchrow(FETCH_CHARGE, key)
             log.info("psp replayed a charge", extra={"ids": {"psp_key": key}})
         if row["request_hash"] != request_hash:
             raise PSPRejected("idempotency key reused with different parameters")
-        if roll < s.psp_error_rate + s.psp_timeout_rate + s.psp_lost_reply_rate:
-            await asyncio.Event().wait()  # committed, but the reply is lost
+        await self._lose_reply(roll)
         return _result(row)
+
+    async def operate(
+        self, key: str, *, kind: str, authorization_key: str, amount: int
+    ) -> PSPResult:
+        """Capture `amount` of an authorization, void it, or reverse a captured charge; the
+        first answer for `key` is the answer to every retry with it. A refusal (PSPRejected)
+        records nothing."""
+        roll = await self._faults()
+        async with self._pool.acquire() as conn, conn.transaction():
+            # The charge's row lock orders concurrent operations on one authorization.
+            charge = await conn.fetchrow(LOCK_AUTHORIZATION, authorization_key)
+            if charge is None:
+                raise PSPRejected(f"no charge {authorization_key}")
+            done = await conn.fetch(OPERATIONS_OF, authorization_key)
+            replay = next((op for op in done if op["idempotency_key"] == key), None)
+            if replay is None:
+                if await conn.fetchrow(FETCH_OPERATION, key) is not None:
+                    raise PSPRejected("idempotency key reused for another charge")
+                refusal = _operation_refusal(kind, amount, charge, done)
+                if refusal is not None:
+                    raise PSPRejected(refusal)
+                await conn.execute(INSERT_OPERATION, key, authorization_key, kind, amount)
+            elif (replay["kind"], replay["amount"]) != (kind, amount):
+                raise PSPRejected("idempotency key reused with different parameters")
+            else:
+                log.info("psp replayed an operation", extra={"ids": {"psp_key": key}})
+        await self._lose_reply(roll)
+        return PSPResult(True)
 
     async def lookup(self, key: str) -> PSPResult | None:
         await self._latency()

@@ -170,7 +170,7 @@ async def check_ledger(db: Any, account_id: str, amounts: Amounts, since: Any,
     for a in attempts:
         assert a["outcome"] is not None, f"attempt {a['id']} never reached the PSP"
         assert a["state"] == "settled", (a["id"], a["state"])
-        expected = "succeeded" if a["outcome"] == "captured" else "failed"
+        expected = "failed" if a["outcome"] == "declined" else "succeeded"
         assert a["charge_status"] == expected, (a["id"], a["charge_status"], a["outcome"])
         assert a["authorization_code"] == a["psp_code"], a["id"]
         assert a["failure_code"] == a["psp_failure_code"], a["id"]

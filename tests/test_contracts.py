@@ -40,14 +40,19 @@ def test_error_bodies_leave_out_what_is_absent() -> None:
 
 def test_terminal_states_have_no_way_out() -> None:
     for table in TRANSITIONS.values():
-        assert not TERMINAL & set(table)
+        # A late PSP result, or new metadata, leaves a terminal intent where it is.
+        assert all(table[status] == status for status in TERMINAL & set(table))
 
 
-def test_psp_results_only_apply_while_processing() -> None:
+def test_psp_results_apply_while_processing_and_leave_a_canceled_intent_canceled() -> None:
     assert next_status(Action.PSP_SUCCEEDED, S.PROCESSING) is S.SUCCEEDED
+    assert next_status(Action.PSP_AUTHORIZED, S.PROCESSING) is S.REQUIRES_CAPTURE
     assert next_status(Action.PSP_DECLINED, S.PROCESSING) is S.REQUIRES_PAYMENT_METHOD
-    with pytest.raises(UnexpectedState):
-        next_status(Action.PSP_SUCCEEDED, S.CANCELED)
+    for action in (Action.PSP_SUCCEEDED, Action.PSP_AUTHORIZED, Action.PSP_DECLINED):
+        assert next_status(action, S.CANCELED) is S.CANCELED
+        for status in (S.SUCCEEDED, S.REQUIRES_CAPTURE, S.REQUIRES_CONFIRMATION):
+            with pytest.raises(UnexpectedState):
+                next_status(action, status)
 
 
 def test_commands_round_trip() -> None:

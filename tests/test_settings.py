@@ -35,6 +35,7 @@ def test_defaults_without_environment() -> None:
     {"PAYONCE_PSP_MAX_TRIES": "0"},
     {"PAYONCE_PREFETCH": "0"},
     {"PAYONCE_DB_TIMEOUT_S": "0"},
+    {"PAYONCE_CAPTURE_WINDOW_S": "0"},
 ])
 def test_bad_values_are_named(env: dict[str, str]) -> None:
     with pytest.raises(SettingsError) as raised:
@@ -52,6 +53,8 @@ def test_bad_values_are_named(env: dict[str, str]) -> None:
     ({"PAYONCE_DB_TIMEOUT_S": "4"}, "PAYONCE_REQUEST_TIMEOUT_S"),
     # Results reported again before a processor could even have lost the attempt.
     ({"PAYONCE_PSP_REPORT_TIMEOUT_S": "10"}, "PAYONCE_PSP_REPORT_TIMEOUT_S"),
+    # A capture window the sweeper cannot keep.
+    ({"PAYONCE_CAPTURE_WINDOW_S": "0.5"}, "PAYONCE_CAPTURE_WINDOW_S"),
 ])
 def test_settings_that_cannot_work_together_fail_at_start(
     env: dict[str, str], named: str

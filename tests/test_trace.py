@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from tests.conftest import Client, Stack, settings_env
+from tests.lifecycle_support import authorized, settled
 from tests.support import VISA, create
 
 
@@ -40,3 +41,20 @@ async def test_a_payment_told_in_order(api: Client, shared: Stack) -> None:
         subprocess.run, [sys.executable, "-m", "ops.cli", "trace", "pi_" + "0" * 24],
         env=settings_env(shared.settings), capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "nothing is known" in missing.stderr
+
+
+async def test_a_capture_told_with_its_psp_task(api: Client, shared: Stack) -> None:
+    intent = await authorized(api, 1234)
+    assert (await api.post(f"/v1/payment_intents/{intent['id']}/capture")).status == 202
+    await settled(api, intent["id"], "succeeded")
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "ops.cli", "trace", intent["id"]],
+        env=settings_env(shared.settings), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "payment_intent.capture applied" in text
+    assert "capture of 1234, psp key payonce_pt_" in text
+    assert ": capture done" in text and "settled after 1 tries: succeeded" in text
+    order = [text.index(s) for s in ("payment_intent.capture applied", "capture of 1234",
+                                     ": capture done", "charge.captured")]
+    assert order == sorted(order)
