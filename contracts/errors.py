@@ -133,6 +133,14 @@ class TooEarly(PayonceError):
     default_code = "resource_not_ready"
 
 
+class TooManyRequests(PayonceError):
+    """More requests than the edge takes at once (429); retry after `Retry-After`."""
+
+    status = 429
+    type = "invalid_request_error"
+    default_code = "rate_limit"
+
+
 class ServiceUnavailable(PayonceError):
     """A dependency is down; nothing was accepted and the request is safe to retry (503)."""
 

@@ -1,6 +1,6 @@
-"""The processor process: partition consumers, PSP attempts, and three background loops (the
-attempt sweeper, the outbox relay, the dead-letter watcher), plus `/health`, `/ready` and
-`/metrics` on their own port."""
+"""The processor process: partition consumers, PSP attempts, and four background loops (the
+attempt sweeper, the outbox relay, the dead-letter watcher, the status fan-out), plus
+`/health`, `/ready` and `/metrics` on their own port."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from processor.deadletters import DeadLetterWatcher
 from processor.intents import Intents
 from processor.outbox import OutboxRelay
 from processor.psp import SimulatedPSP
+from processor.status import StatusFanout
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class Processor:
         relay = OutboxRelay(s.database_url, connection, topology, s.sweep_interval_s,
                             s.publish_timeout_s)
         watcher = DeadLetterWatcher(connection, topology, pending)
+        fanout = StatusFanout(connection, redis, topology, s.amqp_prefix)
         # A loop is stalled when it has not shown progress for a few of its own rounds, or for
         # longer than a database or broker call may take.
         stale_s = max(10 * s.sweep_interval_s, 3 * max(s.db_timeout_s, s.publish_timeout_s))
@@ -102,6 +104,7 @@ class Processor:
             Loop("attempt_sweeper", self.attempts.sweep, stale_after_s=stale_s),
             Loop("outbox_relay", relay.run, stale_after_s=stale_s),
             Loop("dead_letter_watcher", watcher.run, stale_after_s=stale_s),
+            Loop("status_fanout", fanout.run, stale_after_s=stale_s),
         ]
         for loop in self._loops:
             loop.start()

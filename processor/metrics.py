@@ -77,3 +77,11 @@ RESULTS_REREPORTED = Counter(
     "payonce_processor_results_rereported_total",
     "PSP results published again because they were not applied in time",
 )
+STATUS_NOTIFICATIONS = Counter(
+    "payonce_processor_status_notifications_total",
+    "Status notifications published to Redis for the edges' long-polls",
+)
+STATUS_UNREADABLE = Counter(
+    "payonce_processor_status_unreadable_total",
+    "Messages of the status queue that did not decode as an event, dropped",
+)
