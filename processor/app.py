@@ -85,7 +85,7 @@ class Processor:
         self.attempts = AttemptRunner(pool, SimulatedPSP(psp_pool, s), publisher, s,
                                       topology.commands)
         intents = Intents(pool, s.secret_bytes, topology)
-        pending = PendingCommands(redis, ttl_s=s.pending_ttl_s)
+        pending = PendingCommands(redis, ttl_s=s.pending_ttl_s, notify_deployment=s.amqp_prefix)
         gate = Gate()
         for partition in range(s.partitions):
             consumer = PartitionConsumer(
