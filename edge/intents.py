@@ -205,6 +205,17 @@ PUBLISHABLE_FIELDS = (
 )
 
 
+def read_query(request: web.Request) -> dict[str, str]:
+    """The query's parameters by their names as sent (`expand[0]` is a name of its own, and
+    unknown here); one given twice is refused rather than one of its values picked."""
+    values: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name in values:
+            raise InvalidRequest(f"Received the parameter {name} twice.", param=name)
+        values[name] = value
+    return values
+
+
 def check_client_secret(request: web.Request, intent_id: str, client_secret: str | None) -> None:
     """A publishable key must name the intent's client_secret; a secret key may, and then it
     must be the intent's too."""
@@ -270,7 +281,7 @@ async def retrieve_intent(request: web.Request) -> web.Response:
     (edge/waiters.py). A publishable key gets Stripe's subset of the fields, with the
     intent's client_secret."""
     intent_id = request.match_info["id"]
-    values = params.validate(params.read_query(request), RETRIEVE_INTENT)
+    values = params.validate(read_query(request), RETRIEVE_INTENT)
     with bound(intent=intent_id):
         check_client_secret(request, intent_id, values["client_secret"])
         try:
@@ -294,7 +305,7 @@ async def retrieve_charge(request: web.Request) -> web.Response:
     """The outcome of the latest payment attempt: 425 until it is known; `wait=N` waits up to
     N seconds for it."""
     intent_id = request.match_info["id"]
-    values = params.validate(params.read_query(request), RETRIEVE_CHARGE)
+    values = params.validate(read_query(request), RETRIEVE_CHARGE)
     with bound(intent=intent_id):
         return json_response(await answer(
             request, intent_id, lambda: read_charge(request, intent_id), values["wait"]))

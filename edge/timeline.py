@@ -27,7 +27,7 @@ def url(intent_id: str) -> str:
 @routes.get("/v1/payment_intents/{id}/timeline")
 async def intent_timeline(request: web.Request) -> web.Response:
     intent_id = request.match_info["id"]
-    params.validate(params.read_query(request), {})
+    params.validate(intents.read_query(request), {})
     with bound(intent=intent_id):
         # The intent as a GET reads it: the account's own, and applied.
         reading = await intents.read_intent(request, intent_id)
