@@ -184,6 +184,10 @@ async def waiters_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[WAITERS_LOOP].stop()
 
 
+async def release_waiters(app: web.Application) -> None:
+    app[WAITERS].release_all()
+
+
 async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     topology = Topology(settings.amqp_prefix, settings.partitions)
@@ -216,6 +220,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[KEY_CACHE] = KeyCache()
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx, waiters_ctx, amqp_ctx])
+    app.on_shutdown.append(release_waiters)
     for resource in (intents, timeline, events, webhook_endpoints):
         app.router.add_routes(resource.routes)
     app.router.add_get("/health", health)

@@ -28,10 +28,10 @@ LONGPOLL_WAITERS = Gauge(
 LONGPOLLS = Counter(
     "payonce_edge_longpolls_total",
     "Long-polls, by how they ended: changed, deadline, at_rest (nothing under way: answered "
-    "at once), client_gone, refused (too many waiting)",
+    "at once), client_gone, refused (too many waiting), released (the edge stopping)",
     ["outcome"],
 )
-for _outcome in ("changed", "deadline", "at_rest", "client_gone", "refused"):
+for _outcome in ("changed", "deadline", "at_rest", "client_gone", "refused", "released"):
     LONGPOLLS.labels(_outcome)
 LONGPOLL_NOTIFICATIONS = Counter(
     "payonce_edge_longpoll_notifications_total", "Status notifications received from Redis"

@@ -28,6 +28,8 @@ and wakes every waiter: notifications published meanwhile were lost, so each wai
 for its new subscription and reads again. A connection that went silent is found by a PING
 when nothing came for PING_S.
 
+When the edge stops, every waiter answers at once with the state then (`release_all`).
+
 The number of waiters is bounded (`max_waiters`): past it a request that would wait is
 refused at once (429), rather than holding a socket and memory the process may not have.
 aiohttp does not cancel a handler whose client went away, so a waiter also checks its
@@ -124,10 +126,19 @@ class StatusWaiters:
         self._confirmations: dict[int, asyncio.Future[None]] = {}
         self._outbox: collections.deque[tuple[str, str]] = collections.deque()
         self._queued = asyncio.Event()
+        self.releasing = False
 
     @property
     def waiting(self) -> int:
         return self._count
+
+    def release_all(self) -> None:
+        """The edge is stopping: every waiter answers now, with the state as it is, inside
+        the shutdown's grace rather than cut off at its end."""
+        self.releasing = True
+        for watchers in self._channels.values():
+            for watch in watchers:
+                watch.wake()
 
     @asynccontextmanager
     async def watch(self, account_id: str, intent_id: str) -> AsyncIterator[Watch]:
@@ -317,6 +328,8 @@ async def answer_when_changed(
             if client_gone(request):
                 metrics.LONGPOLLS.labels("client_gone").inc()
                 return first  # written to no one: nothing more is read for it
+            if hub.releasing:
+                break
             if not woken:
                 continue
             await watch.ready()
@@ -324,5 +337,5 @@ async def answer_when_changed(
             if now.key != first.key or not now.under_way:
                 metrics.LONGPOLLS.labels("changed").inc()
                 return now
-        metrics.LONGPOLLS.labels("deadline").inc()
+        metrics.LONGPOLLS.labels("released" if hub.releasing else "deadline").inc()
         return await read()

@@ -11,7 +11,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
+from edge.app import create_app
 from edge.waiters import status_client_name
 from tests.conftest import Client, Stack, make_settings, stack
 from tests.support import DECLINED, VISA
@@ -194,6 +196,34 @@ async def test_a_client_that_leaves_frees_its_waiter(migrated: None) -> None:
                 await request
         # Gone well before its 30 s: the waiter noticed its closed connection.
         await until(lambda: waiting_is(api, 0), within_s=10)
+        await s.start_processor()
+        await api.wait_for(intent_id, ["succeeded"])
+
+
+async def test_a_stopping_edge_answers_its_waiters(migrated: None) -> None:
+    async with stack() as s:
+        api = await s.client()
+        created = await api.create(amount=1000, currency="usd", payment_method=VISA)
+        intent_id = created.body["id"]
+        await api.wait_for(intent_id, ["requires_confirmation"])
+        await s.stop_processor()
+        assert (await api.post(f"/v1/payment_intents/{intent_id}/confirm")).status == 202
+        edge = TestServer(create_app(s.settings), host="127.0.0.1")
+        await edge.start_server()
+
+        async def long_poll() -> tuple[int, Any]:
+            async with s.session.get(
+                    edge.make_url(f"/v1/payment_intents/{intent_id}?wait=30"),
+                    headers={"Authorization": f"Bearer {api.secret_key}"}) as resp:
+                return resp.status, await resp.json()
+
+        waiting = asyncio.create_task(long_poll())
+        await until(lambda: waiting_is(api, 1))
+        started = time.monotonic()
+        await edge.close()
+        status, body = await waiting
+        assert status == 200 and body["status"] == "processing"
+        assert time.monotonic() - started < 15
         await s.start_processor()
         await api.wait_for(intent_id, ["succeeded"])
 
