@@ -1,6 +1,7 @@
 """The status fan-out's Redis channels: one per PaymentIntent, on which the processor
 publishes a small notification whenever an event of the intent (or of its charges) leaves the
-outbox, and the edge's long-polls listen (edge/waiters.py).
+outbox (processor/status.py) and whenever it clears a pending marker (contracts/pending.py),
+and the edge's long-polls listen (edge/waiters.py).
 
 A notification only says "look again": it carries the event's id and type, never the state,
 so a waiter always answers what Postgres holds. Redis pub/sub channels are shared by every
