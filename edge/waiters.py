@@ -224,9 +224,13 @@ class StatusWaiters:
             for watchers in self._channels.values():
                 for watch in watchers:
                     watch.wake()
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._write(pubsub))
-                tasks.create_task(self._read(pubsub, loop))
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._write(pubsub))
+                    tasks.create_task(self._read(pubsub, loop))
+            except ExceptionGroup as failed:
+                # The first failure, as the loop logs and classifies any other.
+                raise failed.exceptions[0] from None
         finally:
             self._disconnected()
             for close in (pubsub.aclose, client.aclose):
@@ -250,9 +254,11 @@ class StatusWaiters:
 
     async def _write(self, pubsub: PubSub) -> None:
         while True:
+            _honour_cancellation()
             await self._queued.wait()
             self._queued.clear()
             while self._outbox:
+                _honour_cancellation()
                 command, channel = self._outbox.popleft()
                 if command == "SUBSCRIBE":
                     await pubsub.subscribe(channel)
@@ -262,6 +268,7 @@ class StatusWaiters:
     async def _read(self, pubsub: PubSub, loop: Loop) -> None:
         heard = time.monotonic()
         while True:
+            _honour_cancellation()
             message = await pubsub.get_message(timeout=PING_S)
             now = time.monotonic()
             if message is None:
@@ -284,6 +291,15 @@ class StatusWaiters:
                 metrics.LONGPOLL_NOTIFICATIONS.inc()
                 for watch in self._channels.get(name, ()):
                     watch.wake()
+
+
+def _honour_cancellation() -> None:
+    """redis-py writes under asyncio.wait_for, which on Python 3.11 can swallow a
+    cancellation that arrives as the write completes; the task then runs on, cancelled in
+    name only, and the edge could not stop. Such a cancellation is raised here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
+from contracts import status
+from contracts.errors import TooManyRequests
 from edge.app import create_app
-from edge.waiters import status_client_name
+from edge.waiters import StatusWaiters, status_client_name
+from ops.loops import Loop
 from tests.conftest import Client, Stack, make_settings, stack
 from tests.support import DECLINED, VISA
 
@@ -262,6 +266,40 @@ async def test_a_lost_subscription_connection_comes_back(migrated: None) -> None
         reply, took = await waiting
         assert reply.status == 200 and reply.body["status"] == "succeeded"
         assert took < WAIT_S / 2
+
+
+async def test_a_ready_waiter_hears_what_is_published_after(migrated: None) -> None:
+    """The hub against Redis alone: waiters joining and leaving one channel as fast as they
+    can, each ready one hears a notification published right after it was ready (the reply
+    it waited for is its own SUBSCRIBE's, not an earlier one's)."""
+    settings = make_settings()
+    hub = StatusWaiters(settings.redis_url, settings.amqp_prefix, max_waiters=10,
+                        timeout_s=2.0)
+    loop = Loop("test_status_subscription", hub.run, stale_after_s=15.0)
+    loop.start()
+    publisher = aioredis.from_url(settings.redis_url)
+    channel = status.channel(settings.amqp_prefix, "acct_test", "pi_test")
+    try:
+        for _ in range(30):
+            async with hub.watch("acct_test", "pi_test"):
+                pass  # gone at once: its SUBSCRIBE and UNSUBSCRIBE are both queued
+            async with hub.watch("acct_test", "pi_test") as watch:
+                await watch.ready()
+                await publisher.publish(channel, b"{}")
+                assert await watch.wait(5.0)
+        assert hub.waiting == 0
+        other = [hub.watch("acct_test", f"pi_{i}") for i in range(10)]
+        for cm in other:
+            await cm.__aenter__()
+        with pytest.raises(TooManyRequests):
+            async with hub.watch("acct_test", "pi_11"):
+                pass
+        for cm in other:
+            await cm.__aexit__(None, None, None)
+        assert hub.waiting == 0
+    finally:
+        await loop.stop()
+        await publisher.aclose()
 
 
 @pytest.mark.parametrize("value", ["31", "-1", "abc", "1.5", "99999999999999999999"])
