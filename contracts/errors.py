@@ -134,7 +134,8 @@ class TooEarly(PayonceError):
 
 
 class RateLimited(PayonceError):
-    """The account sent more requests than its rate limit allows (429); back off and retry."""
+    """More requests than the account's rate limit, or than the edge's long-polls, allow (429);
+    back off and retry after `Retry-After`."""
 
     status = 429
     type = "invalid_request_error"

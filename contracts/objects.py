@@ -316,3 +316,16 @@ def webhook_delivery_attempt(row: Mapping[str, Any]) -> dict[str, Any]:
         "status_code": row.get("status_code"),
         "webhook_endpoint": row["endpoint_id"],
     }
+
+
+def timeline_entry(entry_type: str, at: datetime, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """One entry of a PaymentIntent's timeline (payonce's own object; ops/timeline.py says
+    what each type tells): `created` in Unix seconds as every object has it, and `time` to
+    the millisecond, since a payment's steps are often within one second."""
+    return {
+        "object": "payment_intent.timeline_entry",
+        "type": entry_type,
+        "created": unix(at),
+        "time": at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        **fields,
+    }

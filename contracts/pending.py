@@ -14,6 +14,10 @@ A marker never outlives the publish it announces:
   dead-lettered (processor/deadletters.py). Reads also drop markers whose command the Postgres
   inbox has applied, for when Redis was down at that moment.
 
+The processor's removals also notify the intent's status channel (contracts/status.py), in the
+same pipeline after the HDEL: the object a client reads changes when a marker goes, also when
+its command was refused or dead-lettered and so left no event for the status fan-out.
+
 An entry is `<at ns>:<deadline ns, 0 once queued>:<object JSON>`, so confirming it is a string
 operation in Redis that leaves the object as it was written.
 """
@@ -25,6 +29,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+
+from contracts import status
 
 # Marks a `publishing` entry `queued`, only if it is still there (the processor may have applied
 # and removed it already: it must not come back).
@@ -53,9 +59,13 @@ def _entry(value: bytes | str) -> tuple[int, int, dict[str, Any]]:
 
 
 class PendingCommands:
-    def __init__(self, redis: aioredis.Redis, *, ttl_s: int) -> None:
+    def __init__(self, redis: aioredis.Redis, *, ttl_s: int,
+                 notify_deployment: str | None = None) -> None:
+        """`notify_deployment`: removals notify the intents' status channels of this
+        deployment (the processor's); None for the edge, whose removals change nothing."""
         self._redis = redis
         self._ttl_s = ttl_s
+        self._deployment = notify_deployment
         self._confirm = redis.register_script(_CONFIRM)
 
     async def add(self, account_id: str, intent_id: str, key: str, obj: dict[str, Any],
@@ -74,7 +84,14 @@ class PendingCommands:
         await self._confirm(keys=[redis_key(account_id, intent_id)], args=[key])
 
     async def remove(self, account_id: str, intent_id: str, key: str) -> None:
-        await self._redis.hdel(redis_key(account_id, intent_id), key)
+        if self._deployment is None:
+            await self._redis.hdel(redis_key(account_id, intent_id), key)
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(redis_key(account_id, intent_id), key)
+            pipe.publish(status.channel(self._deployment, account_id, intent_id),
+                         b'{"applied":"command"}')
+            await pipe.execute()
 
     async def all(self, account_id: str, intent_id: str) -> list[tuple[str, dict[str, Any]]]:
         """(Idempotency-Key, object) of each live pending command, oldest first."""

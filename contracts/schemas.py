@@ -6,10 +6,11 @@ its `_source` names). That spec is OpenAPI 3.0: `stripe()` rewrites its `nullabl
 JSON Schema has it, and leaves the rest as published, so Stripe's objects do not forbid extra
 fields.
 
-The objects Stripe's file lacks (Event, the lists, WebhookEndpoint, the deleted object and
-payonce's delivery attempt) are written here after contracts/objects.py, field for field and
-strict (every field required, no others), so a field added to a renderer and not here, or the
-other way round, fails the tests that hold answers to these schemas.
+The objects Stripe's file lacks (Event, the lists, WebhookEndpoint, the deleted object,
+payonce's delivery attempt and PaymentIntent timeline entry) are written here after
+contracts/objects.py, field for field and strict (every field required, no others), so a
+field added to a renderer and not here, or the other way round, fails the tests that hold
+answers to these schemas.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from importlib import resources
 from typing import Any
 
 from contracts import objects, webhooks
-from contracts.enums import EventType
+from contracts.enums import EventType, IntentStatus
 
 REF = "#/components/schemas/"
 
@@ -100,6 +101,82 @@ def _list(name: str, item: str, url: str) -> dict[str, Any]:
     }, title=name, description=f"A page of {item} objects, newest first.")
 
 
+def _timeline_entry() -> dict[str, Any]:
+    """One schema per entry type (ops/timeline.py), told apart by `type`."""
+    def text(pattern: str | None = None) -> dict[str, Any]:
+        return {"type": "string", "pattern": pattern} if pattern else {"type": "string"}
+
+    status = {"type": "string", "enum": sorted(IntentStatus)}
+    count = {"type": "integer", "minimum": 0}
+    kinds: dict[str, tuple[str, dict[str, Any]]] = {
+        "command": ("A command the processor applied or refused (its inbox row).", {
+            "command": text(), "idempotency_key": text(), "request_id": _nullable(text()),
+            "outcome": {"type": "string", "enum": ["applied", "rejected"]},
+            "error": _nullable({"type": "object",
+                                "description": "Why it was refused, as the API's error."}),
+        }),
+        "attempt_created": ("A payment attempt at the PSP began.", {
+            "attempt": text("^pa_"), "charge": text("^ch_"), "psp_key": text(),
+            "amount": {"type": "integer", "minimum": 1}, "currency": text("^[a-z]{3}$"),
+            "payment_method": text(),
+        }),
+        "psp_result": ("What the PSP's books say it answered to the attempt.", {
+            "attempt": text("^pa_"), "psp_key": text(),
+            "outcome": {"type": "string", "enum": ["authorized", "captured", "declined"]},
+            "authorization_code": _nullable(text()), "failure_code": _nullable(text()),
+            "decline_code": _nullable(text()),
+        }),
+        "attempt_updated": ("Where the attempt stands: pending, reported or settled.", {
+            "attempt": text("^pa_"),
+            "state": {"type": "string", "enum": ["pending", "reported", "settled"]},
+            "tries": count, "reports": count, "result": _nullable({"type": "object"}),
+        }),
+        "task_created": ("A PSP task began: capturing, voiding or reversing what an attempt "
+                         "authorized.", {
+            "task": text("^pt_"), "kind": {"type": "string",
+                                           "enum": ["capture", "void", "reverse"]},
+            "amount": count, "psp_key": text(),
+        }),
+        "psp_operation": ("The PSP's books recorded the task's operation.", {
+            "task": text("^pt_"), "kind": {"type": "string",
+                                           "enum": ["capture", "void", "reverse"]},
+            "psp_key": text(),
+        }),
+        "task_updated": ("Where the task stands: pending, reported or settled.", {
+            "task": text("^pt_"),
+            "state": {"type": "string", "enum": ["pending", "reported", "settled"]},
+            "tries": count, "reports": count, "result": _nullable({"type": "object"}),
+        }),
+        "transition": ("The intent took a status (`from` null for its first).", {
+            "from": _nullable(status), "to": status, "event": text("^evt_"),
+        }),
+        "event": ("An event of the intent or of its charge.", {
+            "event": text("^evt_"), "event_type": {"type": "string", "enum": sorted(EventType)},
+            "object_id": text(), "previous_status": _nullable(text()),
+            "status": _nullable(text()), "published": {"type": "boolean"},
+        }),
+        "webhook_attempt": ("An attempt to deliver one of those events to an endpoint.", {
+            "event": text("^evt_"), "webhook_endpoint": text("^we_"),
+            "attempt": {"type": "integer", "minimum": 1},
+            "status_code": _nullable({"type": "integer", "minimum": 100, "maximum": 599}),
+            "error": _nullable({"type": "string", "maxLength": 1000}),
+            "latency_ms": count,
+        }),
+    }
+    return {
+        "title": "PaymentIntentTimelineEntry",
+        "description": "One thing that happened to a PaymentIntent (payonce's own object).",
+        "oneOf": [_strict({
+            "object": {"type": "string", "const": "payment_intent.timeline_entry"},
+            "type": {"type": "string", "const": name},
+            "created": _UNIX,
+            "time": {"type": "string", "format": "date-time",
+                     "description": "The same instant, to the millisecond (UTC)."},
+            **fields,
+        }, description=description) for name, (description, fields) in kinds.items()],
+    }
+
+
 def payonce() -> dict[str, Any]:
     """payonce's own object schemas by component name, after contracts/objects.py."""
     webhook_endpoint = _strict({
@@ -173,6 +250,12 @@ def payonce() -> dict[str, Any]:
         "webhook_delivery_attempt_list": _list(
             "WebhookDeliveryAttemptList", "webhook_delivery_attempt",
             "/v1/webhook_endpoints/{id}/deliveries"),
+        "payment_intent_timeline_entry": _timeline_entry(),
+        "payment_intent_timeline": {
+            **_list("PaymentIntentTimeline", "payment_intent_timeline_entry",
+                    "/v1/payment_intents/{id}/timeline"),
+            "description": "What happened to a PaymentIntent, oldest first, all on one page.",
+        },
     }
 
 

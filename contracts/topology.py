@@ -26,6 +26,11 @@ DELIVERY_LIMIT = 1000
 # Events wait for the webhook dispatcher in this queue; it must not swallow the broker's
 # memory: past this many the relay's publishes are refused, it stops, and its lag alert fires.
 WEBHOOK_QUEUE_MAX = 1_000_000
+# The status fan-out's queue (long-polls wake on it): a notification is worth nothing once the
+# longest wait it could end is over, so older ones expire, and a fan-out that is down lets the
+# oldest go rather than refuse the relay's publishes (which would stop every event).
+STATUS_TTL_MS = 60_000
+STATUS_QUEUE_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,11 @@ class Topology:
         """The durable queue every event must reach: the webhook dispatcher's."""
         return f"{self.prefix}.webhooks"
 
+    @property
+    def status(self) -> str:
+        """Every event, for the status fan-out (processor/status.py) that wakes long-polls."""
+        return f"{self.prefix}.status"
+
     def queue(self, partition: int) -> str:
         return f"{self.prefix}.commands.{partition}"
 
@@ -110,6 +120,10 @@ class Topology:
             *(Queue(self.queue(p), self.queue_arguments()) for p in range(self.partitions)),
             Queue(self.webhooks, {**quorum, "x-max-length": WEBHOOK_QUEUE_MAX,
                                   "x-overflow": "reject-publish"}),
+            # Classic: its messages are hints that may be lost (a waiter then answers at its
+            # deadline), so they need no replicated log.
+            Queue(self.status, {"x-queue-type": "classic", "x-message-ttl": STATUS_TTL_MS,
+                                "x-max-length": STATUS_QUEUE_MAX, "x-overflow": "drop-head"}),
         ]
 
     def bindings(self) -> list[Binding]:
@@ -118,6 +132,7 @@ class Topology:
             Binding(self.dead, self.dead_notices, ""),
             *(Binding(self.commands, self.queue(p), str(p)) for p in range(self.partitions)),
             Binding(self.events, self.webhooks, "#"),
+            Binding(self.events, self.status, "#"),
         ]
 
     def definitions(self, vhost: str = "/") -> dict[str, Any]:
@@ -144,7 +159,7 @@ async def declare(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> 
 
 
 async def declare_events(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
-    """The events exchange and the queue every event must reach, with their binding."""
+    """The events exchange and the queues bound to it, with their bindings."""
     bindings = [b for b in topology.bindings() if b.exchange == topology.events]
     queues = {b.queue for b in bindings}
     await _declare(channel, topology,

@@ -24,9 +24,9 @@ from contracts.errors import (
 )
 from contracts.pending import PendingCommands
 from contracts.topology import CommandPublisher, Topology, declare
-from edge import docs, events, intents, lifecycle, metrics, reads, webhook_endpoints
+from edge import docs, events, intents, lifecycle, metrics, reads, timeline, webhook_endpoints
 from edge.accept import json_response
-from edge.auth import KeyCache, key_from_header
+from edge.auth import PUBLISHABLE_ROUTES, KeyCache, key_from_header
 from edge.idempotency import IdempotencyStore
 from edge.keys import (
     ACCOUNT_ID,
@@ -35,14 +35,18 @@ from edge.keys import (
     HEARTBEAT,
     IDEMPOTENCY,
     KEY_CACHE,
+    KEY_KIND,
     PENDING,
     PUBLISHER,
     RATE_LIMITER,
     REDIS,
     REQUEST_ID,
     SETTINGS,
+    WAITERS,
+    WAITERS_LOOP,
 )
 from edge.ratelimit import RateLimiter, ratelimit_middleware
+from edge.waiters import PING_S, StatusWaiters
 from ops.cache import redis_client
 from ops.health import health, metrics_response, readiness
 from ops.logs import bound
@@ -115,8 +119,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/v1/"):
         key = key_from_header(request.headers.get("Authorization"))
-        account_id = await request.app[KEY_CACHE].account_for(request.app[DB], key)
+        resource = request.match_info.route.resource
+        route = (request.method, resource.canonical if resource is not None else "")
+        account_id, kind = await request.app[KEY_CACHE].account_for(
+            request.app[DB], key, publishable_ok=route in PUBLISHABLE_ROUTES)
         request[ACCOUNT_ID] = account_id
+        request[KEY_KIND] = kind
         with bound(account=account_id):
             return await handler(request)
     return await handler(request)
@@ -167,6 +175,24 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await client.aclose()
 
 
+async def waiters_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The long-polls' Redis subscription, one for the whole process."""
+    settings = app[SETTINGS]
+    hub = StatusWaiters(settings.redis_url, settings.amqp_prefix,
+                        max_waiters=settings.longpoll_max_waiters, timeout_s=settings.db_timeout_s)
+    app[WAITERS] = hub
+    # Beats with every message, PONGs included: a PING goes out after PING_S of silence.
+    app[WAITERS_LOOP] = Loop("edge_status_subscription", hub.run, stale_after_s=3 * PING_S,
+                             max_backoff_s=2.0)
+    app[WAITERS_LOOP].start()
+    yield
+    await app[WAITERS_LOOP].stop()
+
+
+async def release_waiters(app: web.Application) -> None:
+    app[WAITERS].release_all()
+
+
 async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     topology = Topology(settings.amqp_prefix, settings.partitions)
@@ -182,7 +208,8 @@ async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def ready(request: web.Request) -> web.Response:
     app = request.app
-    return await readiness(db=app[DB], redis=app[REDIS], amqp=app[AMQP], loops=[app[HEARTBEAT]])
+    return await readiness(db=app[DB], redis=app[REDIS], amqp=app[AMQP],
+                           loops=[app[HEARTBEAT], app[WAITERS_LOOP]])
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -197,8 +224,9 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[KEY_CACHE] = KeyCache()
-    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, amqp_ctx])
-    for resource in (intents, lifecycle, reads, events, webhook_endpoints):
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, waiters_ctx, amqp_ctx])
+    app.on_shutdown.append(release_waiters)
+    for resource in (intents, lifecycle, reads, timeline, events, webhook_endpoints):
         app.router.add_routes(resource.routes)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

@@ -1,5 +1,9 @@
 """API key authentication: `Authorization: Bearer sk_…`, or HTTP Basic with the key as the
-user name (as Stripe accepts). Keys are looked up by their SHA-256 digest."""
+user name (as Stripe accepts). Keys are looked up by their SHA-256 digest.
+
+A publishable key (`pk_…`) opens one route, as at Stripe: retrieving a PaymentIntent, with
+its `client_secret` in the query string (edge/intents.py checks the secret and answers the
+fields Stripe shows a publishable key). Every other route refuses it with Stripe's 401."""
 
 from __future__ import annotations
 
@@ -13,6 +17,11 @@ from ops import accounts
 # A key's account is cached this long; a revoked key keeps working at most this long.
 CACHE_TTL_S = 30.0
 CACHE_MAX = 10_000
+
+SECRET = "secret"
+PUBLISHABLE = "publishable"
+# (method, route) pairs a publishable key may call.
+PUBLISHABLE_ROUTES = frozenset({("GET", "/v1/payment_intents/{id}")})
 
 
 def key_from_header(header: str | None) -> str:
@@ -43,7 +52,10 @@ class KeyCache:
     def __init__(self) -> None:
         self._entries: dict[bytes, tuple[float, str, str]] = {}
 
-    async def account_for(self, db: Any, key: str) -> str:
+    async def account_for(self, db: Any, key: str, *, publishable_ok: bool = False
+                          ) -> tuple[str, str]:
+        """(account id, the key's kind: SECRET or PUBLISHABLE); a publishable key only where
+        the route takes one."""
         digest = accounts.key_hash(key)
         now = time.monotonic()
         entry = self._entries.get(digest)
@@ -56,7 +68,7 @@ class KeyCache:
             entry = (now + CACHE_TTL_S, *found)
             self._entries[digest] = entry
         _, account_id, kind = entry
-        if kind != "secret":
+        if kind != SECRET and not (kind == PUBLISHABLE and publishable_ok):
             raise AuthenticationFailed("This API call cannot be made with a publishable API key. "
                                        "Use a secret API key.", code="secret_key_required")
-        return account_id
+        return account_id, kind

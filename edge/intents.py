@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from contracts.commands import ConfirmIntent, CreateIntent
 from contracts.enums import CaptureMethod, IntentStatus
 from contracts.errors import (
     InvalidRequest,
+    ParameterMissing,
     PayonceError,
     ResourceMissing,
     TooEarly,
@@ -30,15 +32,20 @@ from edge.accept import (
     json_response,
     unavailable,
 )
+from edge.auth import PUBLISHABLE
 from edge.idempotency import check_key, fingerprint
 from edge.keys import (
     ACCOUNT_ID,
     DB,
     IDEMPOTENCY,
+    KEY_KIND,
     PENDING,
     REQUEST_ID,
     SETTINGS,
+    WAITERS,
 )
+from edge.params import Field
+from edge.waiters import MAX_WAIT_S, Reading, answer_when_changed
 from ops.logs import bound
 
 log = logging.getLogger(__name__)
@@ -186,36 +193,124 @@ def too_early(what: str) -> TooEarly:
                     headers={"Retry-After": RETRY_AFTER_S})
 
 
+# Stripe's client secrets are `{id}_secret_{25 characters}`; it takes up to 5000 characters.
+CLIENT_SECRET_MAX = 5000
+WAIT = Field(params.bounded_integer(0, MAX_WAIT_S))
+RETRIEVE_INTENT = {"client_secret": Field(params.string(CLIENT_SECRET_MAX)), "wait": WAIT}
+RETRIEVE_CHARGE = {"wait": WAIT}
+# What Stripe shows of a PaymentIntent to a publishable key: the fields a browser needs to
+# finish or show a payment, nothing of the merchant's (metadata, customer, amounts received).
+PUBLISHABLE_FIELDS = (
+    "id", "object", "amount", "amount_details", "automatic_payment_methods", "canceled_at",
+    "cancellation_reason", "capture_method", "client_secret", "confirmation_method",
+    "created", "currency", "description", "excluded_payment_method_types",
+    "last_payment_error", "livemode", "next_action", "payment_method",
+    "payment_method_configuration_details", "payment_method_types", "processing",
+    "receipt_email", "setup_future_usage", "shipping", "status",
+)
+
+
+def read_query(request: web.Request) -> dict[str, str]:
+    """The query's parameters by their names as sent (`expand[0]` is a name of its own, and
+    unknown here); one given twice is refused rather than one of its values picked."""
+    values: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name in values:
+            raise InvalidRequest(f"Received the parameter {name} twice.", param=name)
+        values[name] = value
+    return values
+
+
+def check_client_secret(request: web.Request, intent_id: str, client_secret: str | None) -> None:
+    """A publishable key must name the intent's client_secret; a secret key may, and then it
+    must be the intent's too."""
+    if client_secret is None:
+        if request[KEY_KIND] == PUBLISHABLE:
+            raise ParameterMissing(
+                "You must pass the PaymentIntent's client_secret to retrieve it with a "
+                "publishable key.", param="client_secret")
+        return
+    secret = request.app[SETTINGS].secret_bytes
+    if not (client_secret.startswith(f"{intent_id}_secret_")
+            and ids.client_secret_matches(secret, client_secret)):
+        raise InvalidRequest(
+            "The client_secret provided does not match the client_secret associated with the "
+            "PaymentIntent.", code="payment_intent_invalid_parameter", param="client_secret")
+
+
+def for_publishable_key(intent: dict[str, Any]) -> dict[str, Any]:
+    return {name: intent[name] for name in PUBLISHABLE_FIELDS if name in intent}
+
+
+async def read_intent(request: web.Request, intent_id: str) -> Reading:
+    """The intent as GET answers it, and whether a change is under way: a command accepted and
+    not applied, or a payment at the PSP."""
+    current, row, unapplied = await current_view(request, intent_id)
+    if row is not None and current is not None:
+        return Reading(current, bool(unapplied) or row["status"] == IntentStatus.PROCESSING)
+    if current is not None:
+        return Reading(too_early("payment_intent"), True)
+    return Reading(await unknown_intent(request, intent_id), False)
+
+
+async def read_charge(request: web.Request, intent_id: str) -> Reading:
+    _, row, unapplied = await current_view(request, intent_id)
+    if row is None and not unapplied:
+        return Reading(await unknown_intent(request, intent_id), False)
+    if unapplied or row["status"] == IntentStatus.PROCESSING:
+        return Reading(too_early("charge of this payment_intent"), True)
+    if row["latest_charge"] is None:
+        return Reading(ResourceMissing(f"The payment_intent '{intent_id}' has no charge yet; "
+                                       "confirm it first.", param="intent"), False)
+    charge = await request.app[DB].fetchrow(FETCH_CHARGE, row["latest_charge"],
+                                            request[ACCOUNT_ID])
+    return Reading(objects.charge(charge), False)
+
+
+async def answer(request: web.Request, intent_id: str,
+                 read: Callable[[], Awaitable[Reading]], wait_s: int | None) -> dict[str, Any]:
+    """The object `read` finds, once it changed when `wait_s` asks to wait; raises the error
+    it finds instead."""
+    reading = await answer_when_changed(request, request.app[WAITERS], request[ACCOUNT_ID],
+                                        intent_id, read, wait_s)
+    if isinstance(reading.answer, PayonceError):
+        raise reading.answer
+    return reading.answer
+
+
 @routes.get("/v1/payment_intents/{id}")
 async def retrieve_intent(request: web.Request) -> web.Response:
     """The intent as it stands, counting commands accepted but not applied yet: a client told
     `processing` by a confirm's 202 never reads an older status after it. 425 while its create
-    is not applied."""
+    is not applied. `wait=N` waits up to N seconds for a change while one is under way
+    (edge/waiters.py). A publishable key gets Stripe's subset of the fields, with the
+    intent's client_secret."""
     intent_id = request.match_info["id"]
-    params.validate(request.query, {})
+    values = params.validate(read_query(request), RETRIEVE_INTENT)
     with bound(intent=intent_id):
-        current, row, _ = await current_view(request, intent_id)
-        if row is not None:
-            return json_response(current)
-        if current is not None:
-            raise too_early("payment_intent")
-        raise await unknown_intent(request, intent_id)
+        check_client_secret(request, intent_id, values["client_secret"])
+        try:
+            intent = await answer(request, intent_id, lambda: read_intent(request, intent_id),
+                                  values["wait"])
+        except ResourceMissing:
+            if request[KEY_KIND] == PUBLISHABLE:
+                # The secret is the intent's, but the key is another account's.
+                raise ResourceMissing(
+                    "The client_secret provided does not match any associated PaymentIntent "
+                    "on this account. Ensure the publishable key used belongs to the same "
+                    "account that created the PaymentIntent.", param="client_secret") from None
+            raise
+        if request[KEY_KIND] == PUBLISHABLE:
+            intent = for_publishable_key(intent)
+        return json_response(intent)
 
 
 @routes.get("/v1/payment_intents/{id}/charge")
 async def retrieve_charge(request: web.Request) -> web.Response:
-    """The outcome of the latest payment attempt: 425 until it is known."""
+    """The outcome of the latest payment attempt: 425 until it is known; `wait=N` waits up to
+    N seconds for it."""
     intent_id = request.match_info["id"]
-    params.validate(request.query, {})
+    values = params.validate(read_query(request), RETRIEVE_CHARGE)
     with bound(intent=intent_id):
-        _, row, unapplied = await current_view(request, intent_id)
-        if row is None and not unapplied:
-            raise await unknown_intent(request, intent_id)
-        if unapplied or row["status"] == IntentStatus.PROCESSING:
-            raise too_early("charge of this payment_intent")
-        if row["latest_charge"] is None:
-            raise ResourceMissing(f"The payment_intent '{intent_id}' has no charge yet; "
-                                  "confirm it first.", param="intent")
-        charge = await request.app[DB].fetchrow(FETCH_CHARGE, row["latest_charge"],
-                                                request[ACCOUNT_ID])
-        return json_response(objects.charge(charge))
+        return json_response(await answer(
+            request, intent_id, lambda: read_charge(request, intent_id), values["wait"]))

@@ -12,6 +12,7 @@ from contracts.pending import PendingCommands
 from contracts.topology import CommandPublisher
 from edge.auth import KeyCache
 from edge.idempotency import IdempotencyStore
+from edge.waiters import StatusWaiters
 from ops.loops import Loop
 from ops.settings import Settings
 
@@ -26,10 +27,14 @@ KEY_CACHE = web.AppKey("key_cache", KeyCache)
 HEARTBEAT = web.AppKey("heartbeat", Loop)
 # Absent when rate limits are off.
 RATE_LIMITER: web.AppKey[Any] = web.AppKey("rate_limiter")  # an edge.ratelimit.RateLimiter
+WAITERS = web.AppKey("waiters", StatusWaiters)
+WAITERS_LOOP = web.AppKey("waiters_loop", Loop)
 
 # Per-request values, set by the middlewares.
 REQUEST_ID = web.RequestKey("request_id", str)
 ACCOUNT_ID = web.RequestKey("account_id", str)
+# The API key's kind: edge/auth.py's SECRET or PUBLISHABLE.
+KEY_KIND = web.RequestKey("key_kind", str)
 # The event-loop time a POST must be over by (edge/accept.py), and whether it is publishing.
 DEADLINE = web.RequestKey("deadline", float)
 PUBLISHING = web.RequestKey("publishing", bool)

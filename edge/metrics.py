@@ -1,6 +1,6 @@
 """The edge's Prometheus metrics."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
     "payonce_edge_requests_total", "HTTP requests answered", ["route", "method", "status"]
@@ -24,3 +24,17 @@ for _dependency in ("postgres", "redis", "rabbitmq"):
     DEPENDENCY_ERRORS.labels(_dependency)
 RATE_LIMITED = Counter("payonce_edge_rate_limited_total",
                        "Requests refused with 429 because their account was over its limit")
+LONGPOLL_WAITERS = Gauge(
+    "payonce_edge_longpoll_waiters", "Requests waiting for an intent to change (?wait=N)"
+)
+LONGPOLLS = Counter(
+    "payonce_edge_longpolls_total",
+    "Long-polls, by how they ended: changed, deadline, at_rest (nothing under way: answered "
+    "at once), client_gone, refused (too many waiting), released (the edge stopping)",
+    ["outcome"],
+)
+for _outcome in ("changed", "deadline", "at_rest", "client_gone", "refused", "released"):
+    LONGPOLLS.labels(_outcome)
+LONGPOLL_NOTIFICATIONS = Counter(
+    "payonce_edge_longpoll_notifications_total", "Status notifications received from Redis"
+)

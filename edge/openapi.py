@@ -47,7 +47,9 @@ _DESCRIPTION = f"""\
 An asynchronous, Stripe-compatible PaymentIntents API that is safe to call any number of times.
 
 **Authentication**: `Authorization: Bearer sk_test_…`, or HTTP Basic with the secret key as the
-user name. A publishable key is refused (401).
+user name. A publishable key (`pk_test_…`) is refused (401) everywhere but one place, as at
+Stripe: retrieving a PaymentIntent with its `client_secret`, which answers Stripe's subset of
+its fields.
 
 **Bodies**: `application/x-www-form-urlencoded` with Stripe's nested keys (`metadata[order]=42`,
 lists as `enabled_events[0]=…` or `enabled_events[]=…`, booleans `true`/`false`) or
@@ -66,9 +68,14 @@ will be once applied, only after the command is durably queued. Reads answer **4
 
 **Statuses not used**: a declined payment is not a 402: the payment runs after the 202, and a
 decline shows on the intent (`last_payment_error`) and its charge, so no request answers 402.
-There is no rate limit today, so no request answers 429. Server errors are 503 with
+There is no rate limit today: the only 429 refuses a long-poll (`wait`) while too many requests
+wait on one edge process. Server errors are 503 with
 `Stripe-Should-Retry: true` when a dependency is down or a publish was not confirmed; retry
 with the same Idempotency-Key.
+
+**Long-polls**: `GET /v1/payment_intents/{{id}}?wait=N` and `…/charge?wait=N` (N from 0 to 30
+seconds) answer as soon as the intent changes while a command or a payment is under way (its
+425 included), or at N with the state then; an intent with nothing under way answers at once.
 
 **Errors** carry Stripe's error object: `{{"error": {{"type", "code", "message", "param"}}}}`, with
 `code` and `param` only where there is one. Every answer has a `Request-Id` header.
@@ -124,8 +131,8 @@ def _ok(description: str, schema: str, status: int = 200, post: bool = False,
 _INTENT_LINKS = dict.fromkeys(("GetPaymentIntentsIntent", "PostPaymentIntentsIntentConfirm",
                                "PostPaymentIntentsIntent", "PostPaymentIntentsIntentCancel"),
                               "$response.body#/id")
-_CONFIRMED_LINKS = dict.fromkeys(("GetPaymentIntentsIntent", "GetPaymentIntentsIntentCharge"),
-                                 "$response.body#/id")
+_CONFIRMED_LINKS = dict.fromkeys(("GetPaymentIntentsIntent", "GetPaymentIntentsIntentCharge",
+                                  "GetPaymentIntentsIntentTimeline"), "$response.body#/id")
 _ENDPOINT_LINKS = dict.fromkeys(("GetWebhookEndpointsId", "PostWebhookEndpointsId",
                                  "DeleteWebhookEndpointsId", "GetWebhookEndpointsIdDeliveries"),
                                 "$response.body#/id")
@@ -142,7 +149,8 @@ E409 = Answer("The same Idempotency-Key is still being executed (`idempotency_ke
 E425 = Answer("Accepted but not applied yet (`resource_not_ready`); retry after `Retry-After` "
               "seconds.", headers=("Retry-After", "Stripe-Should-Retry"))
 E429 = Answer("The account sent more requests than its rate limit (`PAYONCE_RATE_LIMIT_PER_S`) "
-              "allows (`rate_limit`); nothing was done. Back off and retry.",
+              "allows, or too many long-polls wait on this edge process (`rate_limit`); nothing "
+              "was done. Retry after `Retry-After` seconds (a long-poll also without `wait`).",
               headers=("Retry-After",))
 E503 = Answer("A service payonce depends on is unreachable and nothing was done "
               "(`service_unavailable`), or a command's publish was not confirmed and it may "
@@ -220,16 +228,31 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "get", "/v1/payment_intents/{id}", "GetPaymentIntentsIntent", "Retrieve a PaymentIntent",
         "PaymentIntents",
-        {**_ok("The PaymentIntent, counting the commands accepted but not applied yet.",
-               "payment_intent"), **_get_errors(404, 425)},
-        description="425 while its create is accepted and not applied.",
-        path_id=_INTENT_ID),
+        {**_ok("The PaymentIntent, counting the commands accepted but not applied yet; with a "
+               "publishable key, only the fields Stripe shows one.", "payment_intent"),
+         **_get_errors(404, 425, 429)},
+        description="425 while its create is accepted and not applied. `wait=N` waits up to N "
+                    "seconds for a change while one is under way. A publishable key needs "
+                    "`client_secret` (400 without it or with another); a secret key may "
+                    "name it too.",
+        query=intents.RETRIEVE_INTENT, path_id=_INTENT_ID),
     Operation(
         "get", "/v1/payment_intents/{id}/charge", "GetPaymentIntentsIntentCharge",
         "Retrieve the latest charge of a PaymentIntent", "PaymentIntents",
         {**_ok("The charge of the latest payment attempt; `authorization_code` is payonce's "
-               "own field.", "payonce_charge"), **_get_errors(404, 425)},
-        description="425 while the intent is processing; 404 before its first attempt.",
+               "own field.", "payonce_charge"), **_get_errors(404, 425, 429)},
+        description="425 while the intent is processing; 404 before its first attempt. "
+                    "`wait=N` waits up to N seconds for the 425 to end.",
+        query=intents.RETRIEVE_CHARGE, path_id=_INTENT_ID),
+    Operation(
+        "get", "/v1/payment_intents/{id}/timeline", "GetPaymentIntentsIntentTimeline",
+        "What happened to a PaymentIntent", "PaymentIntents",
+        {**_ok("Every command applied or refused, status transition, PSP attempt and result, "
+               "event and webhook delivery attempt, oldest first.", "payment_intent_timeline"),
+         **_get_errors(404, 425)},
+        description="payonce's own endpoint, the API's view of `payonce trace`. Commands "
+                    "accepted and not applied yet are not in it. 425 while its create is "
+                    "accepted and not applied.",
         path_id=_INTENT_ID),
     # The lifecycle past confirmation (edge/lifecycle.py).
     Operation(

@@ -72,6 +72,9 @@ class Settings:
     # limit). Stripe allows 100 per second in live mode and 25 in test mode.
     rate_limit_per_s: float = 0.0
     rate_limit_burst: int = 100
+    # Long-polls (`?wait=N`) waiting at once in one edge process; past it a request that would
+    # wait gets a 429. Each holds a socket and a few hundred bytes: the bound is the socket's.
+    longpoll_max_waiters: int = 10_000
 
     # Messages a partition consumer holds at once; bounds memory and intents in progress.
     prefetch: int = 256
@@ -143,8 +146,9 @@ class Settings:
         low, high = self.psp_latency_ms
         if not 0 <= low <= high:
             raise SettingsError("PAYONCE_PSP_LATENCY_MS must be 'LOW-HIGH' with 0 <= LOW <= HIGH")
-        for name in ("partitions", "edge_workers", "prefetch", "psp_concurrency", "psp_max_tries",
-                     "idempotency_ttl_s", "pending_ttl_s", "max_body_bytes"):
+        for name in ("partitions", "edge_workers", "prefetch", "psp_concurrency",
+                     "psp_max_tries", "idempotency_ttl_s", "pending_ttl_s", "max_body_bytes",
+                     "longpoll_max_waiters"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be at least 1")
         for name in ("db_timeout_s", "publish_timeout_s", "request_timeout_s",

@@ -28,6 +28,7 @@ from processor.deadletters import DeadLetterWatcher
 from processor.outbox import OutboxRelay, read_outbox_lag, stale_after_s
 from processor.psp import SimulatedPSP
 from processor.psp_tasks import TaskRunner
+from processor.status import StatusFanout
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Processor:
         self.attempts = AttemptRunner(pool, psp, publisher, s, topology.commands)
         self.tasks = TaskRunner(pool, psp, publisher, s, topology.commands)
         intents = Intents(pool, s.secret_bytes, topology)
-        pending = PendingCommands(redis, ttl_s=s.pending_ttl_s)
+        pending = PendingCommands(redis, ttl_s=s.pending_ttl_s, notify_deployment=s.amqp_prefix)
         gate = Gate()
         for partition in range(s.partitions):
             consumer = PartitionConsumer(
@@ -91,11 +92,13 @@ class Processor:
             await consumer.start()
             self._consumers.append(consumer)
         watcher = DeadLetterWatcher(connection, topology, pending)
+        fanout = StatusFanout(connection, redis, topology, s.amqp_prefix)
         stale_s = stale_after_s(s)
         self._loops = [
             Loop("attempt_sweeper", self.attempts.sweep, stale_after_s=stale_s),
             Loop("psp_task_sweeper", self.tasks.sweep, stale_after_s=stale_s),
             Loop("dead_letter_watcher", watcher.run, stale_after_s=stale_s),
+            Loop("status_fanout", fanout.run, stale_after_s=stale_s),
         ]
         if s.processor_relay:
             relay = OutboxRelay(s.database_url, connection, topology, s.sweep_interval_s,

@@ -82,3 +82,11 @@ AUTHORIZATIONS_EXPIRED = Counter(
     "payonce_processor_authorizations_expired_total",
     "Uncaptured authorizations past the capture window, sent to be canceled",
 )
+STATUS_NOTIFICATIONS = Counter(
+    "payonce_processor_status_notifications_total",
+    "Status notifications published to Redis for the edges' long-polls",
+)
+STATUS_UNREADABLE = Counter(
+    "payonce_processor_status_unreadable_total",
+    "Messages of the status queue that did not decode as an event, dropped",
+)

@@ -12,6 +12,12 @@ back unrouted, or is refused, or is not confirmed in time, is not marked: the ba
 the relay's loop (ops.loops.Loop) runs again, with a new connection and channel, after a
 backoff. So a broker or database restart only delays events, and the relay never stops.
 
+A confirm says an event reached some queue, not which, and the status fan-out's queue takes
+every event too. So before marking a batch the relay checks (passively) that the webhook
+queue is still there: if an operator deleted it, the check fails, the loop starts over,
+declares it again and publishes the batch again. An event routed to the queue before it was
+deleted went with it, as any message in a deleted queue does.
+
 The relay runs inside the processor (`Processor`), or alone (`RelayService`, `payonce relay`,
 with `PAYONCE_PROCESSOR_RELAY=false` on the processors). Alone, it is a light process the
 operating system schedules promptly however busy the processor is: a relay sharing the
@@ -114,6 +120,10 @@ class OutboxRelay:
                 loop.beat()
                 if rows:
                     await self._publish(exchange, rows)
+                    # On the channel itself: a robust channel answers a passive declare of a
+                    # queue it declared before from its own memory, without asking the broker.
+                    underlay = await channel.get_underlay_channel()
+                    await underlay.queue_declare(self._topology.webhooks, passive=True)
                     await conn.execute(MARK_PUBLISHED, [r["seq"] for r in rows])
                     metrics.EVENTS_PUBLISHED.inc(len(rows))
                     continue

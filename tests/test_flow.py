@@ -227,7 +227,7 @@ async def test_health_and_ready(api: Client) -> None:
     ready = await api.get("/ready", auth=None)
     assert ready.status == 200
     assert ready.body["checks"] == {"postgres": "ok", "redis": "ok", "rabbitmq": "ok",
-                                    "edge_heartbeat": "ok"}
+                                    "edge_heartbeat": "ok", "edge_status_subscription": "ok"}
 
 
 async def test_reads_never_go_back_behind_an_accepted_confirm(migrated: None) -> None:
@@ -278,4 +278,5 @@ async def test_metrics_and_processor_health(shared: Stack, api: Client) -> None:
     async with api.session.get(f"{base}/ready") as resp:
         assert (await resp.json())["checks"] == {
             "postgres": "ok", "redis": "ok", "rabbitmq": "ok", "attempt_sweeper": "ok",
-            "psp_task_sweeper": "ok", "outbox_relay": "ok", "dead_letter_watcher": "ok"}
+            "psp_task_sweeper": "ok", "outbox_relay": "ok", "dead_letter_watcher": "ok",
+            "status_fanout": "ok"}
