@@ -28,4 +28,21 @@ class EventType(StrEnum):
     INTENT_PAYMENT_FAILED = "payment_intent.payment_failed"
     CHARGE_SUCCEEDED = "charge.succeeded"
     CHARGE_FAILED = "charge.failed"
+    CHARGE_REFUNDED = "charge.refunded"
+    CHARGE_REFUND_UPDATED = "charge.refund.updated"
+    REFUND_CREATED = "refund.created"
+    REFUND_UPDATED = "refund.updated"
+    REFUND_FAILED = "refund.failed"
     WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint.disabled"
+
+
+class RefundStatus(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class RefundReason(StrEnum):
+    DUPLICATE = "duplicate"
+    FRAUDULENT = "fraudulent"
+    REQUESTED_BY_CUSTOMER = "requested_by_customer"

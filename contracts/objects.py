@@ -167,18 +167,34 @@ def _outcome(row: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _payment_method_details(row: Mapping[str, Any], created: int) -> dict[str, Any]:
+    card = _card(row["payment_method"], created)
+    return {
+        "type": "card",
+        "card": {
+            **card,
+            "installments": None,
+            "mandate": None,
+            "network": card["brand"],
+            "network_token": {"used": False},
+            "three_d_secure": None,
+        },
+    }
+
+
 def charge(row: Mapping[str, Any]) -> dict[str, Any]:
     """A charge. `authorization_code` (the PSP's approval code, top level) is payonce's own;
     Stripe copies the intent's customer and description onto its charges, which a charge row
-    alone cannot, so they are null here."""
+    alone cannot, so they are null here. `amount_refunded` counts refunds pending and
+    succeeded, as Stripe's does; a failed refund gives its amount back."""
     created = unix(row["created"])
-    card = _card(row["payment_method"], created)
+    refunded = row.get("amount_refunded") or 0
     return {
         "id": row["id"],
         "object": "charge",
         "amount": row["amount"],
         "amount_captured": row["amount_captured"],
-        "amount_refunded": 0,
+        "amount_refunded": refunded,
         "application": None,
         "application_fee": None,
         "application_fee_amount": None,
@@ -203,21 +219,11 @@ def charge(row: Mapping[str, Any]) -> dict[str, Any]:
         "paid": row["status"] == "succeeded",
         "payment_intent": row["payment_intent_id"],
         "payment_method": row["payment_method"],
-        "payment_method_details": {
-            "type": "card",
-            "card": {
-                **card,
-                "installments": None,
-                "mandate": None,
-                "network": card["brand"],
-                "network_token": {"used": False},
-                "three_d_secure": None,
-            },
-        },
+        "payment_method_details": _payment_method_details(row, created),
         "receipt_email": None,
         "receipt_number": None,
         "receipt_url": None,
-        "refunded": False,
+        "refunded": row["amount_captured"] > 0 and refunded == row["amount_captured"],
         "refunds": None,
         "review": None,
         "shipping": None,
@@ -228,6 +234,30 @@ def charge(row: Mapping[str, Any]) -> dict[str, Any]:
         "status": row["status"],
         "transfer_data": None,
         "transfer_group": None,
+    }
+
+
+def refund(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A refund (Stripe's Refund). `failure_reason` only once it failed, as Stripe sends it;
+    payonce keeps no balance transactions."""
+    failure = row.get("failure_reason")
+    return {
+        "id": row["id"],
+        "object": "refund",
+        "amount": row["amount"],
+        "balance_transaction": None,
+        "charge": row["charge_id"],
+        "created": unix(row["created"]),
+        "currency": row["currency"],
+        "destination_details": None,
+        **({"failure_reason": failure} if failure else {}),
+        "metadata": dict(row.get("metadata") or {}),
+        "payment_intent": row["payment_intent_id"],
+        "reason": row.get("reason"),
+        "receipt_number": None,
+        "source_transfer_reversal": None,
+        "status": row["status"],
+        "transfer_reversal": None,
     }
 
 

@@ -24,7 +24,7 @@ from contracts.errors import (
 )
 from contracts.pending import PendingCommands
 from contracts.topology import CommandPublisher, Topology, declare
-from edge import docs, events, intents, metrics, webhook_endpoints
+from edge import docs, events, intents, metrics, refunds, webhook_endpoints
 from edge.accept import json_response
 from edge.auth import KeyCache, key_from_header
 from edge.idempotency import IdempotencyStore
@@ -193,7 +193,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[KEY_CACHE] = KeyCache()
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx, amqp_ctx])
-    for resource in (intents, events, webhook_endpoints):
+    for resource in (intents, events, webhook_endpoints, refunds):
         app.router.add_routes(resource.routes)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

@@ -80,6 +80,11 @@ class Settings:
     psp_error_rate: float = 0.0
     psp_timeout_rate: float = 0.0
     psp_lost_reply_rate: float = 0.0
+    # A refund of Stripe's refundFail test card succeeds, then fails this long after.
+    psp_refund_fail_after_s: float = 5.0
+    # A refund the PSP may still fail (its answer is not final) is asked about again this
+    # often, with the same key, until the PSP's answer is final.
+    refund_recheck_s: float = 5.0
     # A PSP result published but still not applied this long after (its command was
     # dead-lettered, or lost with a broker's data) is published again; applying it is
     # idempotent. Far longer than a partition takes to apply a result under load.
@@ -132,7 +137,8 @@ class Settings:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be at least 1")
         for name in ("db_timeout_s", "publish_timeout_s", "request_timeout_s",
                      "edge_heartbeat_s", "pending_loss_grace_s", "psp_timeout_s", "psp_lease_s",
-                     "psp_report_timeout_s", "sweep_interval_s"):
+                     "psp_report_timeout_s", "sweep_interval_s",
+                     "refund_recheck_s"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be more than 0")
         for name in ("decline", "error", "timeout", "lost_reply"):
@@ -156,6 +162,8 @@ class Settings:
                 f"+ {MIN_PSP_PAUSE_S} s ({self.psp_timeout_s + MIN_PSP_PAUSE_S}): a lease covers "
                 "one PSP call and the pause before the next try, or a live processor loses an "
                 "attempt it is working on")
+        if self.psp_refund_fail_after_s < 0:
+            raise SettingsError("PAYONCE_PSP_REFUND_FAIL_AFTER_S must be at least 0")
         try:
             schedule = self.webhook_retry_schedule_s
         except ValueError:

@@ -28,6 +28,7 @@ from processor.deadletters import DeadLetterWatcher
 from processor.intents import Intents
 from processor.outbox import OutboxRelay
 from processor.psp import SimulatedPSP
+from processor.refund_tasks import RefundRunner, split_tasks
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,20 @@ class Processor:
 
         self._pool: Database = pool
         self._redis, self._amqp = redis, connection
-        self.attempts = AttemptRunner(pool, SimulatedPSP(psp_pool, s), publisher, s,
-                                      topology.commands)
+        psp = SimulatedPSP(psp_pool, s)
+        self.attempts = AttemptRunner(pool, psp, publisher, s, topology.commands)
+        self.refunds = RefundRunner(pool, psp, publisher, s, topology.commands)
+
+        def kick(task_ids: list[str]) -> None:
+            attempts, refunds = split_tasks(task_ids)
+            self.attempts.kick(attempts)
+            self.refunds.kick(refunds)
         intents = Intents(pool, s.secret_bytes, topology)
         pending = PendingCommands(redis, ttl_s=s.pending_ttl_s)
         gate = Gate()
         for partition in range(s.partitions):
             consumer = PartitionConsumer(
-                connection, topology, partition, intents, pending, self.attempts.kick,
+                connection, topology, partition, intents, pending, kick,
                 s.prefetch, pool, gate, batch=lambda: Batch(s.secret_bytes, topology))
             await consumer.start()
             self._consumers.append(consumer)
@@ -100,6 +107,7 @@ class Processor:
         stale_s = max(10 * s.sweep_interval_s, 3 * max(s.db_timeout_s, s.publish_timeout_s))
         self._loops = [
             Loop("attempt_sweeper", self.attempts.sweep, stale_after_s=stale_s),
+            Loop("refund_sweeper", self.refunds.sweep, stale_after_s=stale_s),
             Loop("outbox_relay", relay.run, stale_after_s=stale_s),
             Loop("dead_letter_watcher", watcher.run, stale_after_s=stale_s),
         ]
@@ -148,7 +156,8 @@ class Processor:
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         log.info("processor stopping")
         await asyncio.gather(*(c.stop(self.settings.shutdown_grace_s) for c in self._consumers))
-        await self.attempts.stop(max(deadline - time.monotonic(), 1.0))
+        await asyncio.gather(self.attempts.stop(max(deadline - time.monotonic(), 1.0)),
+                             self.refunds.stop(max(deadline - time.monotonic(), 1.0)))
         await asyncio.gather(*(loop.stop() for loop in self._loops))
         if self._runner is not None:
             await self._runner.cleanup()

@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contracts import ids, objects
-from contracts.commands import ApplyPSPResult, ClientCommand, Command, ConfirmIntent, CreateIntent
+from contracts.commands import (
+    ApplyPSPResult,
+    ApplyRefundResult,
+    ClientCommand,
+    Command,
+    ConfirmIntent,
+    CreateIntent,
+    CreateRefund,
+)
 from contracts.enums import ChargeStatus, EventType, IntentStatus
 from contracts.errors import PayonceError, ResourceMissing, UnexpectedState
 from contracts.topology import Topology
@@ -133,6 +141,10 @@ class Intents:
         self._secret = secret
         self._events_exchange = topology.events
         self._commands_exchange = topology.commands
+        # Imported here: processor/refunds.py builds on this module.
+        from processor.refunds import Refunds
+
+        self._refunds = Refunds(secret, topology)
 
     async def apply(self, command: Command, *, journal: tuple[str, str] | None = None) -> Applied:
         """Apply `command` in one transaction; `journal` (queue, message id) names the record
@@ -140,10 +152,20 @@ class Intents:
         async with self._pool.acquire() as conn, conn.transaction():
             if journal is not None:
                 await conn.execute(FORGET_START, *journal)
+            if isinstance(command, CreateRefund | ApplyRefundResult):
+                return await self._apply_refund(conn, command)
             if isinstance(command, ClientCommand):
                 return await self._apply_client(conn, command)
             assert isinstance(command, ApplyPSPResult)
             return await self._apply_psp_result(conn, command)
+
+    async def _apply_refund(self, conn: Any, command: CreateRefund | ApplyRefundResult
+                            ) -> Applied:
+        events: list[tuple[Any, ...]] = []
+        applied = await self._refunds.apply(conn, command, events.append)
+        for values in events:
+            await conn.execute(INSERT_EVENT, *values)
+        return applied
 
     async def _apply_client(self, conn: Any, command: ClientCommand) -> Applied:
         first = await conn.fetchval(

@@ -5,6 +5,10 @@ The simulator behaves as a real PSP does for what payonce relies on: it keeps it
 answer, never a second charge), answers after a network-like latency, and fails at
 configurable rates: declines, 5xx errors, and timeouts before or after it committed the charge.
 Stripe's test payment methods decide the outcome deterministically.
+
+Refunds are kept against the charge they return money from, never beyond it. A refund of
+Stripe's refundFail card succeeds, then fails `psp_refund_fail_after_s` later: until then its
+answer is not final, and asking again with the same key tells how it ended.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import logging
 import random
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from ops.settings import Settings
@@ -34,6 +39,21 @@ class PSPResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PSPResult:
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class PSPRefundResult:
+    status: str  # succeeded, failed
+    failure_reason: str | None = None
+    # False while the PSP may still fail a refund it reports succeeded.
+    final: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PSPRefundResult:
         return cls(**data)
 
 
@@ -96,6 +116,27 @@ ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING *
 """
 FETCH_CHARGE = "SELECT * FROM psp.charges WHERE idempotency_key = $1"
+# Refunds of one charge are decided one at a time, under the charge's lock.
+LOCK_CHARGE = "SELECT * FROM psp.charges WHERE idempotency_key = $1 FOR UPDATE"
+FETCH_REFUND = "SELECT * FROM psp.refunds WHERE idempotency_key = $1"
+REFUNDED = """
+SELECT coalesce(sum(amount), 0) FROM psp.refunds WHERE charge_key = $1 AND status = 'succeeded'
+"""
+INSERT_REFUND = """
+INSERT INTO psp.refunds (idempotency_key, charge_key, request_hash, amount, status, fails_at)
+VALUES ($1, $2, $3, $4, 'succeeded', $5)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING *
+"""
+# The refund fails when its time comes, the first time it is asked about after that.
+FAIL_DUE_REFUND = """
+UPDATE psp.refunds SET status = 'failed', failure_reason = $2
+WHERE idempotency_key = $1 AND status = 'succeeded' AND fails_at <= now()
+RETURNING *
+"""
+REFUND_FAILS = "pm_card_refundFail"
+# What Stripe's refundFail card's refunds fail with.
+REFUND_FAILURE = "expired_or_canceled_card"
 
 
 def _result(row: Any) -> PSPResult:
@@ -106,6 +147,11 @@ def _result(row: Any) -> PSPResult:
         decline_code=row["decline_code"],
         failure_message=row["failure_message"],
     )
+
+
+def _refund_result(row: Any) -> PSPRefundResult:
+    return PSPRefundResult(row["status"], failure_reason=row["failure_reason"],
+                           final=row["status"] == "failed" or row["fails_at"] is None)
 
 
 class SimulatedPSP:
@@ -158,3 +204,45 @@ class SimulatedPSP:
         await self._latency()
         row = await self._pool.fetchrow(FETCH_CHARGE, key)
         return None if row is None else _result(row)
+
+    async def refund(self, key: str, *, charge_key: str, amount: int) -> PSPRefundResult:
+        """Refund `amount` of the charge made with `charge_key`; asked again with the same key,
+        the refund as it stands now. PSPRejected when the charge was not captured or has less
+        left to refund."""
+        s = self._settings
+        await self._latency()
+        roll = self._rng.random()
+        if roll < s.psp_error_rate:
+            raise PSPUnavailable("PSP answered 503")
+        if roll < s.psp_error_rate + s.psp_timeout_rate:
+            await asyncio.Event().wait()
+        request_hash = hashlib.sha256(f"{charge_key}:{amount}".encode()).hexdigest()
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(FAIL_DUE_REFUND, key, REFUND_FAILURE) \
+                or await conn.fetchrow(FETCH_REFUND, key)
+            if row is None:
+                row = await self._new_refund(conn, key, charge_key, amount, request_hash)
+        if row["request_hash"] != request_hash:
+            raise PSPRejected("idempotency key reused with different parameters")
+        if roll < s.psp_error_rate + s.psp_timeout_rate + s.psp_lost_reply_rate:
+            await asyncio.Event().wait()
+        return _refund_result(row)
+
+    async def _new_refund(self, conn: Any, key: str, charge_key: str, amount: int,
+                          request_hash: str) -> Any:
+        charge = await conn.fetchrow(LOCK_CHARGE, charge_key)
+        if charge is None or charge["outcome"] != "captured":
+            raise PSPRejected("no captured charge to refund")
+        # A concurrent call with the same key may have written it while this one waited.
+        row = await conn.fetchrow(FETCH_REFUND, key)
+        if row is not None:
+            return row
+        refunded = await conn.fetchval(REFUNDED, charge_key)
+        if refunded + amount > charge["amount"]:
+            raise PSPRejected(f"refund of {amount} exceeds what is left of the charge "
+                              f"({charge['amount'] - refunded})")
+        fails_at = None
+        if charge["payment_method"] == REFUND_FAILS:
+            fails_at = datetime.now(UTC) + timedelta(seconds=self._settings.psp_refund_fail_after_s)
+        return await conn.fetchrow(INSERT_REFUND, key, charge_key, request_hash, amount,
+                                   fails_at)
