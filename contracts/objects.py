@@ -36,6 +36,12 @@ TEST_CARDS: dict[str, tuple[str, str]] = {
     "pm_card_refundFail": ("visa", "5126"),
 }
 DEFAULT_CARD = TEST_CARDS["pm_card_visa"]
+# Stablecoin payment methods on a test network: (network, token). Their charge's
+# authorization code is the PSP's settlement reference, `<transaction hash>:<confirmations>`
+# (processor/psp.py).
+CRYPTO_METHODS: dict[str, tuple[str, str]] = {
+    "pm_crypto_usdc": ("ethereum", "usdc"),
+}
 
 # The seller messages Stripe puts in a charge's outcome.
 _APPROVED = "Payment complete."
@@ -167,7 +173,33 @@ def _outcome(row: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def crypto_reference(transaction_hash: str, confirmations: int) -> str:
+    """The settlement reference the PSP answers for an on-chain payment, in place of a card
+    authorization code."""
+    return f"{transaction_hash}:{confirmations}"
+
+
+def _crypto_details(row: Mapping[str, Any]) -> dict[str, Any]:
+    """`payment_method_details` of a stablecoin charge, after Stripe's `crypto` details
+    (network, token, transaction hash); `confirmations`, the block confirmations the PSP
+    waited for, and `test_network` are payonce's own."""
+    network, token = CRYPTO_METHODS[row["payment_method"]]
+    transaction_hash, confirmations = None, 0
+    reference = row.get("authorization_code")
+    if reference:
+        transaction_hash, _, depth = reference.partition(":")
+        confirmations = int(depth or 0)
+    return {
+        "type": "crypto",
+        "crypto": {"buyer_address": None, "confirmations": confirmations, "network": network,
+                   "test_network": "sepolia", "token_currency": token,
+                   "transaction_hash": transaction_hash},
+    }
+
+
 def _payment_method_details(row: Mapping[str, Any], created: int) -> dict[str, Any]:
+    if row["payment_method"] in CRYPTO_METHODS:
+        return _crypto_details(row)
     card = _card(row["payment_method"], created)
     return {
         "type": "card",
@@ -189,6 +221,7 @@ def charge(row: Mapping[str, Any]) -> dict[str, Any]:
     succeeded, as Stripe's does; a failed refund gives its amount back."""
     created = unix(row["created"])
     refunded = row.get("amount_refunded") or 0
+    crypto = row["payment_method"] in CRYPTO_METHODS
     return {
         "id": row["id"],
         "object": "charge",
@@ -198,7 +231,7 @@ def charge(row: Mapping[str, Any]) -> dict[str, Any]:
         "application": None,
         "application_fee": None,
         "application_fee_amount": None,
-        "authorization_code": row.get("authorization_code"),
+        "authorization_code": None if crypto else row.get("authorization_code"),
         "balance_transaction": None,
         "billing_details": billing_details(),
         "calculated_statement_descriptor": None,

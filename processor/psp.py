@@ -9,6 +9,11 @@ Stripe's test payment methods decide the outcome deterministically.
 Refunds are kept against the charge they return money from, never beyond it. A refund of
 Stripe's refundFail card succeeds, then fails `psp_refund_fail_after_s` later: until then its
 answer is not final, and asking again with the same key tells how it ended.
+
+A stablecoin payment (objects.CRYPTO_METHODS) is answered once its transaction has
+`psp_crypto_confirmations` confirmations, a block every `psp_crypto_block_time_s` after it was
+broadcast (when the charge was first asked for); a retry with the same key waits for the same
+transaction. The answer's authorization code is the transaction's settlement reference.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from contracts.objects import CRYPTO_METHODS, crypto_reference
 from ops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -154,6 +160,11 @@ def _refund_result(row: Any) -> PSPRefundResult:
                            final=row["status"] == "failed" or row["fails_at"] is None)
 
 
+def transaction_hash(key: str) -> str:
+    """The simulated chain's hash of the transaction a payment with this key broadcast."""
+    return "0x" + hashlib.sha256(f"tx\x1f{key}".encode()).hexdigest()
+
+
 class SimulatedPSP:
     def __init__(self, pool: Any, settings: Settings, rng: random.Random | None = None) -> None:
         self._pool = pool
@@ -164,7 +175,11 @@ class SimulatedPSP:
         low, high = self._settings.psp_latency_ms
         await asyncio.sleep(self._rng.uniform(low, high) / 1000)
 
-    def _decide(self, payment_method: str) -> PSPResult:
+    def _decide(self, key: str, payment_method: str) -> PSPResult:
+        if payment_method in CRYPTO_METHODS:
+            reference = crypto_reference(transaction_hash(key),
+                                         self._settings.psp_crypto_confirmations)
+            return PSPResult(True, authorization_code=reference)
         if payment_method in TEST_PAYMENT_METHODS:
             outcome = TEST_PAYMENT_METHODS[payment_method]
         elif self._rng.random() < self._settings.psp_decline_rate:
@@ -186,7 +201,7 @@ class SimulatedPSP:
         if roll < s.psp_error_rate + s.psp_timeout_rate:
             await asyncio.Event().wait()  # never answers; the caller's timeout fires
         request_hash = hashlib.sha256(f"{amount}:{currency}:{payment_method}".encode()).hexdigest()
-        decided = self._decide(payment_method)
+        decided = self._decide(key, payment_method)
         row = await self._pool.fetchrow(
             INSERT_CHARGE, key, request_hash, amount, currency, payment_method,
             "captured" if decided.succeeded else "declined", decided.authorization_code,
@@ -196,14 +211,27 @@ class SimulatedPSP:
             log.info("psp replayed a charge", extra={"ids": {"psp_key": key}})
         if row["request_hash"] != request_hash:
             raise PSPRejected("idempotency key reused with different parameters")
+        if row["payment_method"] in CRYPTO_METHODS:
+            await asyncio.sleep(self._until_confirmed(row))
         if roll < s.psp_error_rate + s.psp_timeout_rate + s.psp_lost_reply_rate:
             await asyncio.Event().wait()  # committed, but the reply is lost
         return _result(row)
 
+    def _until_confirmed(self, row: Any) -> float:
+        """Seconds until the payment's transaction has its confirmations (0 once it has)."""
+        s = self._settings
+        wait = timedelta(seconds=s.psp_crypto_confirmations * s.psp_crypto_block_time_s)
+        left: timedelta = row["created_at"] + wait - datetime.now(UTC)
+        return max(left.total_seconds(), 0.0)
+
     async def lookup(self, key: str) -> PSPResult | None:
         await self._latency()
         row = await self._pool.fetchrow(FETCH_CHARGE, key)
-        return None if row is None else _result(row)
+        if row is None:
+            return None
+        if row["payment_method"] in CRYPTO_METHODS and self._until_confirmed(row) > 0:
+            raise PSPUnavailable("the payment's transaction is not confirmed yet")
+        return _result(row)
 
     async def refund(self, key: str, *, charge_key: str, amount: int) -> PSPRefundResult:
         """Refund `amount` of the charge made with `charge_key`; asked again with the same key,
