@@ -5,6 +5,7 @@ their events, and driven by Stripe's own library."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from typing import Any
@@ -473,3 +474,74 @@ async def test_official_library(shared: Stack, api: Client) -> None:
     intent = await paid(api, 1000)
     await asyncio.to_thread(sdk_flow, shared.base_url.rstrip("/"), api.secret_key,
                             intent["id"], intent["latest_charge"])
+
+
+async def test_refunds_converge_through_psp_errors_and_lost_replies(migrated: None) -> None:
+    """A PSP that fails and loses replies: each refund is retried with its own key until it
+    is answered, and the PSP's books hold each refund once."""
+    settings = make_settings(psp_error_rate=0.3, psp_lost_reply_rate=0.3, psp_timeout_s=0.5,
+                             psp_lease_s=1.0)
+    async with stack(settings) as s:
+        api = await s.client()
+        intent = await paid(api, 3000)
+        accepted = [await refund(api, payment_intent=intent["id"], amount=amount)
+                    for amount in (500, 700, 900)]
+        assert [a.status for a in accepted] == [202, 202, 202]
+        for a in accepted:
+            assert (await wait_refund(api, a.body["id"], within_s=60))["status"] == "succeeded"
+        books = await api.db.fetch(
+            "SELECT idempotency_key, amount FROM psp.refunds WHERE idempotency_key = ANY($1)",
+            [f"payonce_{a.body['id']}" for a in accepted])
+        assert sorted(b["amount"] for b in books) == [500, 700, 900]
+        assert await api.db.fetchval(PSP_REFUNDED, intent["latest_charge"]) == 2100
+        assert (await charge_of(api, intent["id"]))["amount_refunded"] == 2100
+
+
+async def test_the_single_command_path_applies_a_refund_once(shared: Stack, api: Client) -> None:
+    """The path a redelivered command takes (processor/intents.py), and a duplicate of it."""
+    from processor.intents import Intents
+
+    intent = await paid(api, 900)
+    settings = shared.settings
+    # Another exchange: this refund's PSP task is left alone by the shared stack's processor.
+    topology = Topology(f"{settings.amqp_prefix}.single", settings.partitions)
+    key = str(uuid.uuid4())
+    values = {"payment_intent": intent["id"], "amount": 400}
+    command = CreateRefund(
+        account_id=api.account_id, intent_id=intent["id"], request_id="req_single",
+        accepted_at=int(time.time()), idempotency_key=key,
+        fingerprint=fingerprint("POST", "/v1/refunds", values),
+        refund_id=ids.refund_id(settings.secret_bytes, api.account_id, key),
+        charge_id=intent["latest_charge"], amount=400)
+    intents = Intents(api.db, settings.secret_bytes, topology)
+    first = await intents.apply(command)
+    assert (first.outcome, first.attempts) == ("applied", [command.refund_id])
+    again = await intents.apply(command)
+    assert again.outcome == "duplicate"
+    rows = await refunds_of(api, intent["latest_charge"])
+    assert [(r["id"], r["status"], r["amount"]) for r in rows] == \
+        [(command.refund_id, "pending", 400)]
+    assert (await charge_of(api, intent["id"]))["amount_refunded"] == 400
+    assert await event_types(api, command.refund_id) == ["refund.created"]
+    too_much = dataclasses.replace(
+        command, idempotency_key=key + "-2", amount=501,
+        refund_id=ids.refund_id(settings.secret_bytes, api.account_id, key + "-2"))
+    failed = await intents.apply(too_much)
+    assert failed.outcome == "applied" and not failed.attempts
+    row = await api.db.fetchrow("SELECT * FROM refunds WHERE id = $1", too_much.refund_id)
+    assert (row["status"], row["failure_reason"]) == ("failed", "insufficient_refundable_amount")
+
+
+async def test_a_key_redis_forgot_is_answered_from_postgres(shared: Stack, api: Client) -> None:
+    intent = await paid(api, 600)
+    key = str(uuid.uuid4())
+    first = await refund(api, key=key, payment_intent=intent["id"], amount=250)
+    assert first.status == 202
+    await wait_refund(api, first.body["id"])
+    await shared.redis.delete(f"idem:{api.account_id}:{key}")
+    again = await refund(api, key=key, payment_intent=intent["id"], amount=250)
+    assert again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.body["id"] == first.body["id"] and again.body["status"] == "succeeded"
+    other = await refund(api, key=key, payment_intent=intent["id"], amount=251)
+    assert other.status == 400 and other.error["type"] == "idempotency_error"
+    assert len(await refunds_of(api, intent["latest_charge"])) == 1
