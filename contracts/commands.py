@@ -174,9 +174,44 @@ class ApplyTaskResult(Command):
         return f"{self.task_id}/result"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateRefund(ClientCommand):
+    """A refund of the intent's charge, on the intent's partition, so the refunds of one
+    intent are applied one after another against what is left to refund."""
+
+    TYPE: ClassVar[str] = "refund.create"
+
+    refund_id: str
+    charge_id: str
+    # Given, or what the edge saw left to refund: the 202 announced this amount.
+    amount: int
+    reason: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApplyRefundResult(Command):
+    """The PSP's answer for one refund. `final` is False while the PSP may still fail a refund
+    it reported succeeded; it is asked again later."""
+
+    TYPE: ClassVar[str] = "refund.psp_result"
+
+    refund_id: str
+    status: str  # succeeded, failed
+    failure_reason: str | None = None
+    final: bool = True
+    # When not final: how soon to ask the PSP again.
+    recheck_ms: int = 0
+
+    @property
+    def message_id(self) -> str:
+        return f"{self.refund_id}/result/{self.status}"
+
+
 COMMANDS: dict[str, type[Command]] = {
     cls.TYPE: cls for cls in (CreateIntent, ConfirmIntent, ApplyPSPResult, UpdateIntent,
-                              CancelIntent, CaptureIntent, ExpireAuthorization, ApplyTaskResult)
+                              CancelIntent, CaptureIntent, ExpireAuthorization, ApplyTaskResult,
+                              CreateRefund, ApplyRefundResult)
 }
 
 

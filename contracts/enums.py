@@ -32,6 +32,10 @@ class EventType(StrEnum):
     CHARGE_FAILED = "charge.failed"
     CHARGE_CAPTURED = "charge.captured"
     CHARGE_REFUNDED = "charge.refunded"
+    CHARGE_REFUND_UPDATED = "charge.refund.updated"
+    REFUND_CREATED = "refund.created"
+    REFUND_UPDATED = "refund.updated"
+    REFUND_FAILED = "refund.failed"
     WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint.disabled"
 
 
@@ -58,3 +62,15 @@ class TaskKind(StrEnum):
     CAPTURE = "capture"
     VOID = "void"
     REVERSE = "reverse"
+
+
+class RefundStatus(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class RefundReason(StrEnum):
+    DUPLICATE = "duplicate"
+    FRAUDULENT = "fraudulent"
+    REQUESTED_BY_CUSTOMER = "requested_by_customer"

@@ -54,6 +54,10 @@ def event_id(secret: bytes, object_id: str, event_type: str, cause: str) -> str:
     return derive(secret, "evt", object_id, event_type, cause)
 
 
+def refund_id(secret: bytes, account_id: str, idempotency_key: str) -> str:
+    return derive(secret, "re", account_id, idempotency_key)
+
+
 def webhook_endpoint_id(secret: bytes, account_id: str, idempotency_key: str) -> str:
     return derive(secret, "we", account_id, idempotency_key)
 

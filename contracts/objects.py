@@ -36,6 +36,12 @@ TEST_CARDS: dict[str, tuple[str, str]] = {
     "pm_card_refundFail": ("visa", "5126"),
 }
 DEFAULT_CARD = TEST_CARDS["pm_card_visa"]
+# Stablecoin payment methods on a test network: (network, token). Their charge's
+# authorization code is the PSP's settlement reference, `<transaction hash>:<confirmations>`
+# (processor/psp.py).
+CRYPTO_METHODS: dict[str, tuple[str, str]] = {
+    "pm_crypto_usdc": ("ethereum", "usdc"),
+}
 
 # The seller messages Stripe puts in a charge's outcome.
 _APPROVED = "Payment complete."
@@ -171,14 +177,56 @@ def _outcome(row: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def crypto_reference(transaction_hash: str, confirmations: int) -> str:
+    """The settlement reference the PSP answers for an on-chain payment, in place of a card
+    authorization code."""
+    return f"{transaction_hash}:{confirmations}"
+
+
+def _crypto_details(row: Mapping[str, Any]) -> dict[str, Any]:
+    """`payment_method_details` of a stablecoin charge, after Stripe's `crypto` details
+    (network, token, transaction hash); `confirmations`, the block confirmations the PSP
+    waited for, and `test_network` are payonce's own."""
+    network, token = CRYPTO_METHODS[row["payment_method"]]
+    transaction_hash, confirmations = None, 0
+    reference = row.get("authorization_code")
+    if reference:
+        transaction_hash, _, depth = reference.partition(":")
+        confirmations = int(depth or 0)
+    return {
+        "type": "crypto",
+        "crypto": {"buyer_address": None, "confirmations": confirmations, "network": network,
+                   "test_network": "sepolia", "token_currency": token,
+                   "transaction_hash": transaction_hash},
+    }
+
+
+def _payment_method_details(row: Mapping[str, Any], created: int) -> dict[str, Any]:
+    if row["payment_method"] in CRYPTO_METHODS:
+        return _crypto_details(row)
+    card = _card(row["payment_method"], created)
+    return {
+        "type": "card",
+        "card": {
+            **card,
+            "installments": None,
+            "mandate": None,
+            "network": card["brand"],
+            "network_token": {"used": False},
+            "three_d_secure": None,
+        },
+    }
+
+
 def charge(row: Mapping[str, Any]) -> dict[str, Any]:
     """A charge. `authorization_code` (the PSP's approval code, top level) is payonce's own;
     Stripe copies the intent's customer and description onto its charges, which a charge row
     alone cannot, so they are null here. What an authorization gave back uncaptured (released
-    by a cancel or a partial capture, or reversed) counts as refunded, as at Stripe."""
+    by a cancel or a partial capture, or reversed) counts as refunded, as at Stripe, and so do
+    refunds pending and succeeded; a failed refund gives its amount back."""
     created = unix(row["created"])
     refunded = (row.get("amount_released") or 0) + (row.get("amount_refunded") or 0)
-    card = _card(row["payment_method"], created)
+    crypto = row["payment_method"] in CRYPTO_METHODS
     return {
         "id": row["id"],
         "object": "charge",
@@ -188,7 +236,7 @@ def charge(row: Mapping[str, Any]) -> dict[str, Any]:
         "application": None,
         "application_fee": None,
         "application_fee_amount": None,
-        "authorization_code": row.get("authorization_code"),
+        "authorization_code": None if crypto else row.get("authorization_code"),
         "balance_transaction": None,
         "billing_details": billing_details(),
         "calculated_statement_descriptor": None,
@@ -209,17 +257,7 @@ def charge(row: Mapping[str, Any]) -> dict[str, Any]:
         "paid": row["status"] == "succeeded",
         "payment_intent": row["payment_intent_id"],
         "payment_method": row["payment_method"],
-        "payment_method_details": {
-            "type": "card",
-            "card": {
-                **card,
-                "installments": None,
-                "mandate": None,
-                "network": card["brand"],
-                "network_token": {"used": False},
-                "three_d_secure": None,
-            },
-        },
+        "payment_method_details": _payment_method_details(row, created),
         "receipt_email": None,
         "receipt_number": None,
         "receipt_url": None,
@@ -234,6 +272,30 @@ def charge(row: Mapping[str, Any]) -> dict[str, Any]:
         "status": row["status"],
         "transfer_data": None,
         "transfer_group": None,
+    }
+
+
+def refund(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A refund (Stripe's Refund). `failure_reason` only once it failed, as Stripe sends it;
+    payonce keeps no balance transactions."""
+    failure = row.get("failure_reason")
+    return {
+        "id": row["id"],
+        "object": "refund",
+        "amount": row["amount"],
+        "balance_transaction": None,
+        "charge": row["charge_id"],
+        "created": unix(row["created"]),
+        "currency": row["currency"],
+        "destination_details": None,
+        **({"failure_reason": failure} if failure else {}),
+        "metadata": dict(row.get("metadata") or {}),
+        "payment_intent": row["payment_intent_id"],
+        "reason": row.get("reason"),
+        "receipt_number": None,
+        "source_transfer_reversal": None,
+        "status": row["status"],
+        "transfer_reversal": None,
     }
 
 

@@ -1,6 +1,6 @@
 """JSON Schemas (2020-12, as OpenAPI 3.1 takes them) of every object the API answers with.
 
-Stripe's PaymentIntent, Charge and error come from Stripe's published OpenAPI spec
+Stripe's PaymentIntent, Charge, Refund and error come from Stripe's published OpenAPI spec
 (`stripe_schemas.json` beside this module: the closure of those three schemas, from the commit
 its `_source` names). That spec is OpenAPI 3.0: `stripe()` rewrites its `nullable: true` as
 JSON Schema has it, and leaves the rest as published, so Stripe's objects do not forbid extra
@@ -147,6 +147,18 @@ def _timeline_entry() -> dict[str, Any]:
             "state": {"type": "string", "enum": ["pending", "reported", "settled"]},
             "tries": count, "reports": count, "result": _nullable({"type": "object"}),
         }),
+        "refund_created": ("A refund of the intent's charge was recorded.", {
+            "refund": text("^re_"), "amount": count, "psp_key": text(),
+        }),
+        "psp_refund": ("What the PSP's books say of the refund.", {
+            "refund": text("^re_"), "psp_key": text(),
+            "outcome": {"type": "string", "enum": ["succeeded", "failed"]},
+        }),
+        "refund_updated": ("Where the refund stands, and its PSP task.", {
+            "refund": text("^re_"),
+            "status": {"type": "string", "enum": ["pending", "succeeded", "failed"]},
+            "failure_reason": _nullable(text()), "task": text(), "tries": count,
+        }),
         "transition": ("The intent took a status (`from` null for its first).", {
             "from": _nullable(status), "to": status, "event": text("^evt_"),
         }),
@@ -203,7 +215,7 @@ def payonce() -> dict[str, Any]:
         "api_version": _API_VERSION,
         "created": _UNIX,
         "data": _strict({
-            "object": {"anyOf": [ref("payment_intent"), ref("charge"),
+            "object": {"anyOf": [ref("payment_intent"), ref("charge"), ref("refund"),
                                  ref("webhook_endpoint")]},
             "previous_attributes": {"type": "object",
                                     "description": "The fields that changed, as they were."},
@@ -241,6 +253,7 @@ def payonce() -> dict[str, Any]:
         "webhook_endpoint": webhook_endpoint,
         "webhook_endpoint_list": _list("WebhookEndpointList", "webhook_endpoint",
                                        "/v1/webhook_endpoints"),
+        "refund_list": _list("RefundList", "refund", "/v1/refunds"),
         "deleted_webhook_endpoint": _strict({
             "id": {"type": "string"},
             "object": {"type": "string", "const": "webhook_endpoint"},

@@ -24,7 +24,17 @@ from contracts.errors import (
 )
 from contracts.pending import PendingCommands
 from contracts.topology import CommandPublisher, Topology, declare
-from edge import docs, events, intents, lifecycle, metrics, reads, timeline, webhook_endpoints
+from edge import (
+    docs,
+    events,
+    intents,
+    lifecycle,
+    metrics,
+    reads,
+    refunds,
+    timeline,
+    webhook_endpoints,
+)
 from edge.accept import json_response
 from edge.auth import PUBLISHABLE_ROUTES, KeyCache, key_from_header
 from edge.idempotency import IdempotencyStore
@@ -226,7 +236,8 @@ def create_app(settings: Settings) -> web.Application:
     app[KEY_CACHE] = KeyCache()
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx, waiters_ctx, amqp_ctx])
     app.on_shutdown.append(release_waiters)
-    for resource in (intents, lifecycle, reads, timeline, events, webhook_endpoints):
+    for resource in (intents, lifecycle, reads, timeline, events, webhook_endpoints,
+                     refunds):
         app.router.add_routes(resource.routes)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

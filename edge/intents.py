@@ -126,7 +126,8 @@ async def current_view(
             await app[PENDING].remove(account_id, intent_id, key)
         pending = [(k, obj) for k, obj in pending if k not in applied]
     row = await db.fetchrow(FETCH_INTENT, intent_id, account_id)
-    unapplied = [obj for _, obj in pending]
+    # The intent's partition also carries its refunds (edge/refunds.py): they leave it as is.
+    unapplied = [obj for _, obj in pending if obj.get("object") == "payment_intent"]
     if unapplied:
         return unapplied[-1], row, unapplied
     if row is not None:

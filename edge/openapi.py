@@ -24,7 +24,7 @@ import orjson
 from contracts import currencies, schemas
 from contracts.objects import API_VERSION
 from contracts.schemas import ref
-from edge import events, intents, lists, params, reads, webhook_endpoints
+from edge import events, intents, lists, params, reads, refunds, webhook_endpoints
 from edge.idempotency import MAX_KEY_LENGTH
 from edge.params import Field
 
@@ -37,6 +37,9 @@ _TAGS = [
                                               "processor; read back with 425 until applied."},
     {"name": "Charges", "description": "The outcome of each payment attempt, as the processor "
                                        "recorded it."},
+    {"name": "Refunds", "description": "Accepted at once (202, `pending`), applied in order "
+                                       "with the intent's other commands, then `succeeded` or "
+                                       "`failed` once the PSP answers."},
     {"name": "Events", "description": "What happened, newest first; redeliver one to a "
                                       "webhook endpoint."},
     {"name": "Webhook endpoints", "description": "Where events are delivered, and the "
@@ -186,6 +189,7 @@ def _get_errors(*statuses: int) -> dict[int, Answer]:
 _INTENT_ID = ("id", intents.INTENT_ID)
 _EVENT_ID = ("id", events.EVENT_ID)
 _ENDPOINT_ID = ("id", webhook_endpoints.ENDPOINT_ID)
+_REFUND_ID = ("id", refunds.REFUND_ID)
 _NO_PARAMS: Mapping[str, Field] = {}
 
 
@@ -316,6 +320,28 @@ OPERATIONS: tuple[Operation, ...] = (
         {**_ok("The charge; `authorization_code` is payonce's own field.", "payonce_charge"),
          **_get_errors(404)},
         path_id=("id", reads.CHARGE_ID)),
+    Operation(
+        "post", "/v1/refunds", "PostRefunds", "Create a refund", "Refunds",
+        {**_ok("The refund, `pending`: the PSP's answer makes it `succeeded` or `failed`.",
+               "refund", 202, post=True, links={"GetRefundsId": "$response.body#/id"}),
+         **_post_errors(404, 425)},
+        description="Exactly one of `payment_intent` and `charge`. 400 "
+                    "`payment_intent_unexpected_state` when the intent has no successful "
+                    "charge, `charge_not_refundable` for a charge not captured, "
+                    "`charge_already_refunded`, and `amount_too_large` beyond what is left to "
+                    "refund (counting refunds accepted and not applied yet). A refund accepted "
+                    "at the same moment as another that leaves too little ends `failed` "
+                    "(`failure_reason: insufficient_refundable_amount`) without moving money.",
+        body=refunds.CREATE_REFUND),
+    Operation(
+        "get", "/v1/refunds", "GetRefunds", "List refunds", "Refunds",
+        {**_ok("Refunds, newest first.", "refund_list",
+               links={"GetRefundsId": "$response.body#/data/0/id"}), **_get_errors()},
+        query=refunds.LIST_REFUNDS),
+    Operation(
+        "get", "/v1/refunds/{id}", "GetRefundsId", "Retrieve a refund", "Refunds",
+        {**_ok("The refund.", "refund"), **_get_errors(404, 425)},
+        description="425 while it is accepted and not applied.", path_id=_REFUND_ID),
     Operation(
         "get", "/v1/events", "GetEvents", "List events", "Events",
         {**_ok("Events, newest first.", "event_list", links=dict.fromkeys(

@@ -91,6 +91,18 @@ class Settings:
     psp_error_rate: float = 0.0
     psp_timeout_rate: float = 0.0
     psp_lost_reply_rate: float = 0.0
+    # Stablecoin payments (pm_crypto_usdc): the simulated chain adds a block every
+    # psp_crypto_block_time_s, and the PSP answers once the payment's transaction has this
+    # many confirmations. A call cut off by psp_timeout_s is retried with the same key and goes
+    # on waiting for the same transaction, so the wait must fit in the attempt's tries
+    # (checked below), not in one call.
+    psp_crypto_confirmations: int = 3
+    psp_crypto_block_time_s: float = 0.5
+    # A refund of Stripe's refundFail test card succeeds, then fails this long after.
+    psp_refund_fail_after_s: float = 5.0
+    # A refund the PSP may still fail (its answer is not final) is asked about again this
+    # often, with the same key, until the PSP's answer is final.
+    refund_recheck_s: float = 5.0
     # A PSP result published but still not applied this long after (its command was
     # dead-lettered, or lost with a broker's data) is published again; applying it is
     # idempotent. Far longer than a partition takes to apply a result under load.
@@ -148,12 +160,13 @@ class Settings:
             raise SettingsError("PAYONCE_PSP_LATENCY_MS must be 'LOW-HIGH' with 0 <= LOW <= HIGH")
         for name in ("partitions", "edge_workers", "prefetch", "psp_concurrency",
                      "psp_max_tries", "idempotency_ttl_s", "pending_ttl_s", "max_body_bytes",
-                     "longpoll_max_waiters"):
+                     "longpoll_max_waiters", "psp_crypto_confirmations"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be at least 1")
         for name in ("db_timeout_s", "publish_timeout_s", "request_timeout_s",
                      "edge_heartbeat_s", "pending_loss_grace_s", "psp_timeout_s", "psp_lease_s",
-                     "psp_report_timeout_s", "sweep_interval_s", "capture_window_s"):
+                     "psp_report_timeout_s", "sweep_interval_s", "capture_window_s",
+                     "psp_crypto_block_time_s", "refund_recheck_s"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"PAYONCE_{name.upper()} must be more than 0")
         for name in ("decline", "error", "timeout", "lost_reply"):
@@ -177,6 +190,15 @@ class Settings:
                 f"+ {MIN_PSP_PAUSE_S} s ({self.psp_timeout_s + MIN_PSP_PAUSE_S}): a lease covers "
                 "one PSP call and the pause before the next try, or a live processor loses an "
                 "attempt it is working on")
+        if self.psp_refund_fail_after_s < 0:
+            raise SettingsError("PAYONCE_PSP_REFUND_FAIL_AFTER_S must be at least 0")
+        settle_s = self.psp_crypto_confirmations * self.psp_crypto_block_time_s
+        if settle_s >= self.psp_max_tries * self.psp_timeout_s:
+            raise SettingsError(
+                f"PAYONCE_PSP_CRYPTO_CONFIRMATIONS x PAYONCE_PSP_CRYPTO_BLOCK_TIME_S "
+                f"({settle_s:g} s) must be less than PAYONCE_PSP_MAX_TRIES x "
+                f"PAYONCE_PSP_TIMEOUT_S ({self.psp_max_tries * self.psp_timeout_s:g} s): a "
+                "stablecoin payment must be confirmed before its attempt runs out of tries")
         try:
             schedule = self.webhook_retry_schedule_s
         except ValueError:

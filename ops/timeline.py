@@ -12,6 +12,8 @@ What it tells, each as an `Entry`:
 - `task_created`, `psp_operation`, `task_updated`: every PSP task that captures, voids or
   reverses what an attempt authorized (psp_tasks), when the PSP's books recorded it, and
   where the task stands.
+- `refund_created`, `psp_refund`, `refund_updated`: every refund of the intent's charges, what
+  the PSP's books say of it, and where it stands (its status and its PSP task's).
 - `transition`: every status the intent took, from its events (`previous_attributes.status`
   → the status in the event's object; the first from `payment_intent.created`).
 - `event`: every event of the intent and of its charges, and whether it left the outbox.
@@ -33,7 +35,9 @@ from contracts.enums import EventType
 
 COMMANDS = """
 SELECT applied_at AS at, command, idempotency_key, request_id, outcome, error
-FROM inbox WHERE object_id = $1 ORDER BY applied_at
+FROM inbox WHERE object_id = $1
+   OR object_id IN (SELECT id FROM refunds WHERE payment_intent_id = $1)
+ORDER BY applied_at
 """
 ATTEMPTS = """
 SELECT a.created_at AS at, a.updated_at, a.id, a.charge_id, a.psp_key, a.amount, a.currency,
@@ -49,11 +53,18 @@ SELECT t.created_at AS at, t.updated_at, t.id, t.kind, t.amount, t.psp_key, t.tr
 FROM psp_tasks t LEFT JOIN psp.operations o ON o.idempotency_key = t.psp_key
 WHERE t.payment_intent_id = $1 ORDER BY t.created_at
 """
+REFUNDS = """
+SELECT r.created AS at, r.updated_at, r.id, r.amount, r.psp_key, r.status, r.failure_reason,
+       r.task, r.tries, p.created_at AS psp_at, p.status AS psp_status
+FROM refunds r LEFT JOIN psp.refunds p ON p.idempotency_key = r.psp_key
+WHERE r.payment_intent_id = $1 ORDER BY r.created, r.id
+"""
 EVENTS = """
 SELECT e.seq, e.created AS at, e.id, e.type, e.object_id, e.previous_attributes,
        e.published_at, e.data->>'status' AS status
-FROM events e WHERE e.object_id = $1 OR e.object_id IN (
-    SELECT id FROM charges WHERE payment_intent_id = $1)
+FROM events e WHERE e.object_id = $1
+    OR e.object_id IN (SELECT id FROM charges WHERE payment_intent_id = $1)
+    OR e.object_id IN (SELECT id FROM refunds WHERE payment_intent_id = $1)
 ORDER BY e.seq
 """
 DELIVERIES = """
@@ -63,11 +74,13 @@ WHERE d.event_id = ANY($1::text[]) ORDER BY t.created, t.attempt
 """
 
 TYPES = ("command", "attempt_created", "psp_result", "attempt_updated", "task_created",
-         "psp_operation", "task_updated", "transition", "event", "webhook_attempt")
+         "psp_operation", "task_updated", "refund_created", "psp_refund", "refund_updated",
+         "transition", "event", "webhook_attempt")
 # Within one instant: what a transaction does first comes first.
-_RANK = {"command": 0, "attempt_created": 1, "task_created": 1, "psp_result": 2,
-         "psp_operation": 2, "attempt_updated": 3, "task_updated": 3, "transition": 4,
-         "event": 4, "webhook_attempt": 5}
+_RANK = {"command": 0, "attempt_created": 1, "task_created": 1, "refund_created": 1,
+         "psp_result": 2, "psp_operation": 2, "psp_refund": 2, "attempt_updated": 3,
+         "task_updated": 3, "refund_updated": 3, "transition": 4, "event": 4,
+         "webhook_attempt": 5}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +104,8 @@ async def gather(db: Any, intent_id: str) -> list[Entry]:
         entries.extend(_attempt(a))
     for t in await db.fetch(TASKS, intent_id):
         entries.extend(_task(t))
+    for r in await db.fetch(REFUNDS, intent_id):
+        entries.extend(_refund(r))
     events = list(await db.fetch(EVENTS, intent_id))
     for e in events:
         entries.extend(_event(e, intent_id))
@@ -137,6 +152,18 @@ def _task(row: Any) -> list[Entry]:
     return found
 
 
+def _refund(row: Any) -> list[Entry]:
+    found = [Entry(row["at"], "refund_created", {
+        "refund": row["id"], "amount": row["amount"], "psp_key": row["psp_key"]})]
+    if row["psp_at"] is not None:
+        found.append(Entry(row["psp_at"], "psp_refund", {
+            "refund": row["id"], "psp_key": row["psp_key"], "outcome": row["psp_status"]}))
+    found.append(Entry(row["updated_at"], "refund_updated", {
+        "refund": row["id"], "status": row["status"], "failure_reason": row["failure_reason"],
+        "task": row["task"], "tries": row["tries"]}))
+    return found
+
+
 def _event(row: Any, intent_id: str) -> list[Entry]:
     previous = row["previous_attributes"] or {}
     found = []
@@ -156,7 +183,8 @@ def _event(row: Any, intent_id: str) -> list[Entry]:
 
 _LABEL = {"command": "command", "attempt_created": "attempt", "psp_result": "psp",
           "attempt_updated": "attempt", "task_created": "task", "psp_operation": "psp",
-          "task_updated": "task", "transition": "status", "event": "event",
+          "task_updated": "task", "refund_created": "refund", "psp_refund": "psp",
+          "refund_updated": "refund", "transition": "status", "event": "event",
           "webhook_attempt": "webhook"}
 
 
@@ -186,6 +214,14 @@ def describe(entry: Entry) -> str:
                 + (f", reported {f['reports'] + 1} times" if f["reports"] else "")
                 + ("" if result is None else ": succeeded" if result.get("succeeded")
                    else f": refused, {result.get('failure_message')}"))
+    if entry.type == "refund_created":
+        return f"{f['refund']} of {f['amount']} psp key {f['psp_key']}"
+    if entry.type == "psp_refund":
+        return f"{f['psp_key']}: refund {f['outcome']}"
+    if entry.type == "refund_updated":
+        return (f"{f['refund']} {f['status']}"
+                + (f" ({f['failure_reason']})" if f["failure_reason"] else "")
+                + f", task {f['task']} after {f['tries']} tries")
     if entry.type == "transition":
         return f"{f['from'] or 'new'} → {f['to']} ({f['event']})"
     if entry.type == "event":

@@ -28,6 +28,7 @@ from processor.deadletters import DeadLetterWatcher
 from processor.outbox import OutboxRelay, read_outbox_lag, stale_after_s
 from processor.psp import SimulatedPSP
 from processor.psp_tasks import TaskRunner
+from processor.refund_tasks import RefundRunner, split_tasks
 from processor.status import StatusFanout
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,19 @@ class Processor:
         psp = SimulatedPSP(psp_pool, s)
         self.attempts = AttemptRunner(pool, psp, publisher, s, topology.commands)
         self.tasks = TaskRunner(pool, psp, publisher, s, topology.commands)
+        self.refunds = RefundRunner(pool, psp, publisher, s, topology.commands)
+
+        def kick(task_ids: list[str]) -> None:
+            attempts, refunds = split_tasks(task_ids)
+            self.attempts.kick(attempts)
+            self.refunds.kick(refunds)
+
         intents = Intents(pool, s.secret_bytes, topology)
         pending = PendingCommands(redis, ttl_s=s.pending_ttl_s, notify_deployment=s.amqp_prefix)
         gate = Gate()
         for partition in range(s.partitions):
             consumer = PartitionConsumer(
-                connection, topology, partition, intents, pending, self.attempts.kick,
+                connection, topology, partition, intents, pending, kick,
                 s.prefetch, pool, gate, batch=lambda: Batch(s.secret_bytes, topology),
                 on_tasks=self.tasks.kick)
             await consumer.start()
@@ -97,6 +105,7 @@ class Processor:
         self._loops = [
             Loop("attempt_sweeper", self.attempts.sweep, stale_after_s=stale_s),
             Loop("psp_task_sweeper", self.tasks.sweep, stale_after_s=stale_s),
+            Loop("refund_sweeper", self.refunds.sweep, stale_after_s=stale_s),
             Loop("dead_letter_watcher", watcher.run, stale_after_s=stale_s),
             Loop("status_fanout", fanout.run, stale_after_s=stale_s),
         ]
@@ -148,7 +157,8 @@ class Processor:
         log.info("processor stopping")
         await asyncio.gather(*(c.stop(self.settings.shutdown_grace_s) for c in self._consumers))
         await asyncio.gather(self.attempts.stop(max(deadline - time.monotonic(), 1.0)),
-                             self.tasks.stop(max(deadline - time.monotonic(), 1.0)))
+                             self.tasks.stop(max(deadline - time.monotonic(), 1.0)),
+                             self.refunds.stop(max(deadline - time.monotonic(), 1.0)))
         await asyncio.gather(*(loop.stop() for loop in self._loops))
         if self._runner is not None:
             await self._runner.cleanup()

@@ -29,7 +29,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from contracts import ids, objects
-from contracts.commands import ApplyPSPResult, ClientCommand, Command, ConfirmIntent, CreateIntent
+from contracts.commands import (
+    ApplyPSPResult,
+    ApplyRefundResult,
+    ClientCommand,
+    Command,
+    ConfirmIntent,
+    CreateIntent,
+    CreateRefund,
+)
 from contracts.enums import CaptureMethod, ChargeStatus, EventType, IntentStatus, TaskKind
 from contracts.errors import PayonceError, ResourceMissing
 from contracts.topology import Topology
@@ -52,6 +60,7 @@ from processor.lifecycle import (
     Lifecycle,
     task_values,
 )
+from processor.refunds import Refunds
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +155,23 @@ class Batch:
         self._events_exchange = topology.events
         self._commands_exchange = topology.commands
         self._lifecycle = Lifecycle(secret, topology.commands, self._event)
+        self._refunds = Refunds(secret, topology)
 
     async def apply(self, conn: Any, commands: list[Command]) -> list[Applied]:
         """Each command's outcome, in order; the caller holds the transaction. One Batch per
         transaction: it gathers the transaction's events."""
         results: list[Applied | None] = [None] * len(commands)
         self._events = Rows(9)
-        client = [(i, c) for i, c in enumerate(commands) if isinstance(c, ClientCommand)]
+        client = [(i, c) for i, c in enumerate(commands)
+                  if isinstance(c, ClientCommand) and not isinstance(c, CreateRefund)]
         results_psp = [(i, c) for i, c in enumerate(commands) if isinstance(c, ApplyPSPResult)]
         system = [(i, c) for i, c in enumerate(commands) if isinstance(c, SYSTEM_COMMANDS)]
+        # Refunds are decided one by one against their charge (processor/refunds.py), in this
+        # transaction; their events join the batch's.
+        for i, c in enumerate(commands):
+            if isinstance(c, CreateRefund | ApplyRefundResult):
+                results[i] = await self._refunds.apply(
+                    conn, c, lambda values: self._events.add(*values))
         if client:
             for i, applied in await self._client(conn, [c for _, c in client]):
                 results[client[i][0]] = applied

@@ -11,6 +11,15 @@ settled once, by a capture of at most what it holds (the rest is released) or by
 captured charge can be reversed once. Each of these operations has its own idempotency key
 (`psp.operations`), and the books refuse a second settlement of an authorization whatever
 its key: captured - released - reversed is what moved, never two captures.
+
+Refunds are kept against the charge they return money from, never beyond it. A refund of
+Stripe's refundFail card succeeds, then fails `psp_refund_fail_after_s` later: until then its
+answer is not final, and asking again with the same key tells how it ended.
+
+A stablecoin payment (objects.CRYPTO_METHODS) is answered once its transaction has
+`psp_crypto_confirmations` confirmations, a block every `psp_crypto_block_time_s` after it was
+broadcast (when the charge was first asked for); a retry with the same key waits for the same
+transaction. The answer's authorization code is the transaction's settlement reference.
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ import hashlib
 import logging
 import random
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from contracts.objects import CRYPTO_METHODS, crypto_reference
 from ops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +54,21 @@ class PSPResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PSPResult:
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class PSPRefundResult:
+    status: str  # succeeded, failed
+    failure_reason: str | None = None
+    # False while the PSP may still fail a refund it reports succeeded.
+    final: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PSPRefundResult:
         return cls(**data)
 
 
@@ -116,6 +142,25 @@ OPERATIONS_OF = "SELECT * FROM psp.operations WHERE charge_key = $1"
 INSERT_OPERATION = """
 INSERT INTO psp.operations (idempotency_key, charge_key, kind, amount) VALUES ($1, $2, $3, $4)
 """
+FETCH_REFUND = "SELECT * FROM psp.refunds WHERE idempotency_key = $1"
+REFUNDED = """
+SELECT coalesce(sum(amount), 0) FROM psp.refunds WHERE charge_key = $1 AND status = 'succeeded'
+"""
+INSERT_REFUND = """
+INSERT INTO psp.refunds (idempotency_key, charge_key, request_hash, amount, status, fails_at)
+VALUES ($1, $2, $3, $4, 'succeeded', $5)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING *
+"""
+# The refund fails when its time comes, the first time it is asked about after that.
+FAIL_DUE_REFUND = """
+UPDATE psp.refunds SET status = 'failed', failure_reason = $2
+WHERE idempotency_key = $1 AND status = 'succeeded' AND fails_at <= now()
+RETURNING *
+"""
+REFUND_FAILS = "pm_card_refundFail"
+# What Stripe's refundFail card's refunds fail with.
+REFUND_FAILURE = "expired_or_canceled_card"
 
 
 def _result(row: Any) -> PSPResult:
@@ -127,6 +172,15 @@ def _result(row: Any) -> PSPResult:
         failure_message=row["failure_message"],
         captured=row["outcome"] == "captured",
     )
+
+
+def _captured(charge: Any, done: list[Any]) -> int:
+    """What moved on the charge and stays moved: captured at once or later, less a reversal."""
+    if any(op["kind"] == "reverse" for op in done):
+        return 0
+    if charge["outcome"] == "captured":
+        return int(charge["amount"])
+    return sum(int(op["amount"]) for op in done if op["kind"] == "capture")
 
 
 def _operation_refusal(kind: str, amount: int, charge: Any, done: list[Any]) -> str | None:
@@ -151,6 +205,16 @@ def _operation_refusal(kind: str, amount: int, charge: Any, done: list[Any]) -> 
     return None
 
 
+def _refund_result(row: Any) -> PSPRefundResult:
+    return PSPRefundResult(row["status"], failure_reason=row["failure_reason"],
+                           final=row["status"] == "failed" or row["fails_at"] is None)
+
+
+def transaction_hash(key: str) -> str:
+    """The simulated chain's hash of the transaction a payment with this key broadcast."""
+    return "0x" + hashlib.sha256(f"tx\x1f{key}".encode()).hexdigest()
+
+
 class SimulatedPSP:
     def __init__(self, pool: Any, settings: Settings, rng: random.Random | None = None) -> None:
         self._pool = pool
@@ -161,7 +225,11 @@ class SimulatedPSP:
         low, high = self._settings.psp_latency_ms
         await asyncio.sleep(self._rng.uniform(low, high) / 1000)
 
-    def _decide(self, payment_method: str) -> PSPResult:
+    def _decide(self, key: str, payment_method: str) -> PSPResult:
+        if payment_method in CRYPTO_METHODS:
+            reference = crypto_reference(transaction_hash(key),
+                                         self._settings.psp_crypto_confirmations)
+            return PSPResult(True, authorization_code=reference)
         if payment_method in TEST_PAYMENT_METHODS:
             outcome = TEST_PAYMENT_METHODS[payment_method]
         elif self._rng.random() < self._settings.psp_decline_rate:
@@ -198,7 +266,7 @@ class SimulatedPSP:
         # across the two is refused.
         what = f"{amount}:{currency}:{payment_method}" + ("" if capture else ":authorize")
         request_hash = hashlib.sha256(what.encode()).hexdigest()
-        decided = self._decide(payment_method)
+        decided = self._decide(key, payment_method)
         outcome = "declined" if not decided.succeeded else "captured" if capture else "authorized"
         row = await self._pool.fetchrow(
             INSERT_CHARGE, key, request_hash, amount, currency, payment_method,
@@ -209,6 +277,8 @@ class SimulatedPSP:
             log.info("psp replayed a charge", extra={"ids": {"psp_key": key}})
         if row["request_hash"] != request_hash:
             raise PSPRejected("idempotency key reused with different parameters")
+        if row["payment_method"] in CRYPTO_METHODS:
+            await asyncio.sleep(self._until_confirmed(row))
         await self._lose_reply(roll)
         return _result(row)
 
@@ -240,7 +310,56 @@ class SimulatedPSP:
         await self._lose_reply(roll)
         return PSPResult(True)
 
+    def _until_confirmed(self, row: Any) -> float:
+        """Seconds until the payment's transaction has its confirmations (0 once it has)."""
+        s = self._settings
+        wait = timedelta(seconds=s.psp_crypto_confirmations * s.psp_crypto_block_time_s)
+        left: timedelta = row["created_at"] + wait - datetime.now(UTC)
+        return max(left.total_seconds(), 0.0)
+
     async def lookup(self, key: str) -> PSPResult | None:
         await self._latency()
         row = await self._pool.fetchrow(FETCH_CHARGE, key)
-        return None if row is None else _result(row)
+        if row is None:
+            return None
+        if row["payment_method"] in CRYPTO_METHODS and self._until_confirmed(row) > 0:
+            raise PSPUnavailable("the payment's transaction is not confirmed yet")
+        return _result(row)
+
+    async def refund(self, key: str, *, charge_key: str, amount: int) -> PSPRefundResult:
+        """Refund `amount` of the charge made with `charge_key`; asked again with the same key,
+        the refund as it stands now. PSPRejected when the charge was not captured or has less
+        left to refund."""
+        roll = await self._faults()
+        request_hash = hashlib.sha256(f"{charge_key}:{amount}".encode()).hexdigest()
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(FAIL_DUE_REFUND, key, REFUND_FAILURE) \
+                or await conn.fetchrow(FETCH_REFUND, key)
+            if row is None:
+                row = await self._new_refund(conn, key, charge_key, amount, request_hash)
+        if row["request_hash"] != request_hash:
+            raise PSPRejected("idempotency key reused with different parameters")
+        await self._lose_reply(roll)
+        return _refund_result(row)
+
+    async def _new_refund(self, conn: Any, key: str, charge_key: str, amount: int,
+                          request_hash: str) -> Any:
+        # The charge's row lock orders refunds and operations on one charge.
+        charge = await conn.fetchrow(LOCK_AUTHORIZATION, charge_key)
+        captured = 0 if charge is None else _captured(charge, await conn.fetch(OPERATIONS_OF,
+                                                                                charge_key))
+        if not captured:
+            raise PSPRejected("no captured charge to refund")
+        # A concurrent call with the same key may have written it while this one waited.
+        row = await conn.fetchrow(FETCH_REFUND, key)
+        if row is not None:
+            return row
+        refunded = await conn.fetchval(REFUNDED, charge_key)
+        if refunded + amount > captured:
+            raise PSPRejected(f"refund of {amount} exceeds what is left of the charge "
+                              f"({captured - refunded})")
+        fails_at = None
+        if charge["payment_method"] == REFUND_FAILS:
+            fails_at = datetime.now(UTC) + timedelta(seconds=self._settings.psp_refund_fail_after_s)
+        return await conn.fetchrow(INSERT_REFUND, key, charge_key, request_hash, amount,
+                                   fails_at)

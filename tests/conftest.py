@@ -61,6 +61,10 @@ def make_settings(**overrides: Any) -> Settings:
         "psp_timeout_s": 2.0,
         "psp_lease_s": 5.0,
         "sweep_interval_s": 0.2,
+        # Refunds that fail later, and the stablecoin chain, at test speed.
+        "psp_refund_fail_after_s": 0.5,
+        "refund_recheck_s": 0.2,
+        "psp_crypto_block_time_s": 0.1,
         "shutdown_grace_s": 10.0,
         # Tests deliver webhooks to receivers on 127.0.0.1.
         "webhook_allow_private": True,

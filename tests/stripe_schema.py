@@ -53,7 +53,8 @@ def check(name: str, instance: Any) -> None:
 def check_object(instance: Any) -> None:
     """Validate an API object by its `object` field, when it is one Stripe's schemas here
     describe."""
-    if isinstance(instance, dict) and instance.get("object") in ("payment_intent", "charge"):
+    if isinstance(instance, dict) and instance.get("object") in ("payment_intent", "charge",
+                                                                   "refund"):
         check(instance["object"], instance)
 
 

@@ -278,5 +278,5 @@ async def test_metrics_and_processor_health(shared: Stack, api: Client) -> None:
     async with api.session.get(f"{base}/ready") as resp:
         assert (await resp.json())["checks"] == {
             "postgres": "ok", "redis": "ok", "rabbitmq": "ok", "attempt_sweeper": "ok",
-            "psp_task_sweeper": "ok", "outbox_relay": "ok", "dead_letter_watcher": "ok",
-            "status_fanout": "ok"}
+            "psp_task_sweeper": "ok", "refund_sweeper": "ok", "outbox_relay": "ok",
+            "dead_letter_watcher": "ok", "status_fanout": "ok"}

@@ -20,14 +20,14 @@ from openapi_spec_validator import validate as validate_spec
 
 from contracts import objects, schemas
 from contracts.errors import InvalidRequest
-from edge import events, intents, lists, openapi, params, reads, webhook_endpoints
+from edge import events, intents, lists, openapi, params, reads, refunds, webhook_endpoints
 from edge.app import create_app
 from edge.params import Field
 from tests import browser
 from tests.conftest import Client, Stack, form, make_settings
 from tests.support import VISA
 
-SPEC_MODULES = (params, lists, events, reads, webhook_endpoints)
+SPEC_MODULES = (params, lists, events, reads, webhook_endpoints, refunds)
 
 
 def document() -> dict[str, Any]:
@@ -205,6 +205,11 @@ def rendered_samples() -> Iterator[tuple[str, Any]]:
                   "payment_intent_id": intent_row["id"], "authorization_code": "123456",
                   "created": 1_700_000_000}
     yield "charge_list", lists.envelope("/v1/charges", [objects.charge(charge_row)], False)
+    refund_row = {"id": "re_" + "a" * 24, "amount": 500, "charge_id": "ch_" + "a" * 24,
+                  "created": 1_700_000_000, "currency": "usd", "metadata": {},
+                  "payment_intent_id": "pi_" + "a" * 24, "reason": None, "status": "failed",
+                  "failure_reason": "expired_or_canceled_card"}
+    yield "refund_list", lists.envelope("/v1/refunds", [objects.refund(refund_row)], True)
 
 
 def test_payonce_object_schemas_are_what_the_renderers_make() -> None:

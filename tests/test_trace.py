@@ -58,3 +58,29 @@ async def test_a_capture_told_with_its_psp_task(api: Client, shared: Stack) -> N
     order = [text.index(s) for s in ("payment_intent.capture applied", "capture of 1234",
                                      ": capture done", "charge.captured")]
     assert order == sorted(order)
+
+
+async def test_a_refund_is_part_of_the_story(api: Client, shared: Stack) -> None:
+    intent_id = await create(api, 1234, VISA, confirm_separately=False)
+    await api.wait_for(intent_id, ["succeeded"])
+    accepted = await api.post("/v1/refunds", {"payment_intent": intent_id, "amount": "234"})
+    assert accepted.status == 202, accepted.body
+    refund_id = accepted.body["id"]
+    async with asyncio.timeout(20):
+        while await api.db.fetchval("SELECT status FROM refunds WHERE id = $1",
+                                    refund_id) != "succeeded":
+            await asyncio.sleep(0.1)
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "ops.cli", "trace", intent_id],
+        env=settings_env(shared.settings), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "refund.create applied" in text
+    assert f"{refund_id} of 234 psp key payonce_{refund_id}" in text
+    assert ": refund succeeded" in text
+    assert f"{refund_id} succeeded, task settled" in text
+    assert "charge.refunded" in text
+    order = [text.index(s) for s in ("payment_intent.succeeded", "refund.create applied",
+                                     "refund.created", ": refund succeeded",
+                                     "refund.updated (pending → succeeded)")]
+    assert order == sorted(order), text

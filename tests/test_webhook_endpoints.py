@@ -185,7 +185,7 @@ LONG_URL = "https://example.com/" + "a" * 2100
     ({"url": "https://example.com/\x00"}, "url_invalid", "url"),
     ({"url": LONG_URL}, "url_invalid", "url"),
     ({"url[0]": URL, "url": None}, "parameter_invalid", "url"),
-    ({"enabled_events[1]": "charge.refunded"}, "parameter_invalid", "enabled_events"),
+    ({"enabled_events[1]": "charge.dispute.created"}, "parameter_invalid", "enabled_events"),
     ({"enabled_events[0]": "everything", "enabled_events[1]": None}, "parameter_invalid",
      "enabled_events"),
     ({"enabled_events[0]": None, "enabled_events[1]": None, "enabled_events": "*"},
@@ -212,9 +212,9 @@ async def test_bad_creates_are_a_clear_400_that_changes_nothing(
 
 async def test_unknown_event_types_are_all_named(api: Client) -> None:
     reply = await api.post("/v1/webhook_endpoints", json={
-        "url": URL, "enabled_events": ["charge.refunded", "*", "invoice.paid"]})
+        "url": URL, "enabled_events": ["charge.dispute.created", "*", "invoice.paid"]})
     assert_error(reply, 400, "parameter_invalid", "enabled_events")
-    assert "'charge.refunded'" in reply.error["message"]
+    assert "'charge.dispute.created'" in reply.error["message"]
     assert "'invoice.paid'" in reply.error["message"]
     assert "payment_intent.succeeded" in reply.error["message"]
     for empty in ([], ""):
