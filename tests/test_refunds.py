@@ -18,6 +18,7 @@ from contracts import ids
 from contracts.commands import CreateRefund
 from contracts.topology import CommandPublisher, Topology
 from edge.idempotency import fingerprint
+from processor.batches import Intents
 from tests import stripe_schema
 from tests.conftest import Client, Stack, form, make_settings, stack
 from tests.support import DECLINED, VISA
@@ -498,8 +499,7 @@ async def test_refunds_converge_through_psp_errors_and_lost_replies(migrated: No
 
 
 async def test_the_single_command_path_applies_a_refund_once(shared: Stack, api: Client) -> None:
-    """The path a redelivered command takes (processor/intents.py), and a duplicate of it."""
-    from processor.intents import Intents
+    """The path a redelivered command takes (a batch of one), and a duplicate of it."""
 
     intent = await paid(api, 900)
     settings = shared.settings
