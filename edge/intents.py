@@ -1,4 +1,6 @@
-"""PaymentIntent routes: accept commands (202) and answer reads (200, 425, 404)."""
+"""PaymentIntent routes: accept commands (202) and answer reads (200, 425, 404). Reads may wait
+for a change (`wait=N`, edge/waiters.py); retrieving an intent also takes a publishable key
+with the intent's client_secret (edge/auth.py)."""
 
 from __future__ import annotations
 
