@@ -445,10 +445,10 @@ async def test_basic_auth_with_the_key_as_user_name(api: Client, user: str) -> N
     ("POST", "/v1/payment_intents/pi_x/nope", 404, "resource_missing"),
     ("GET", "/nowhere", 404, "resource_missing"),
     ("DELETE", "/v1/payment_intents", 405, "method_not_allowed"),
-    ("GET", "/v1/payment_intents", 405, "method_not_allowed"),
+    ("GET", "/v1/payment_intents/pi_x/capture", 405, "method_not_allowed"),
     ("PUT", "/v1/payment_intents/pi_x/confirm", 405, "method_not_allowed"),
 ], ids=["unknown v1 route", "unknown sub-route", "unknown route", "DELETE collection",
-        "GET collection", "PUT confirm"])
+        "GET capture", "PUT confirm"])
 async def test_unknown_route_and_method(api: Client, method: str, path: str, status: int,
                                         code: str) -> None:
     reply = await api.request(method, path)
