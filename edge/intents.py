@@ -47,6 +47,7 @@ from edge.keys import (
     WAITERS,
 )
 from edge.params import Field
+from edge.settle import waited
 from edge.waiters import MAX_WAIT_S, Reading, answer_when_changed
 from ops.logs import bound
 
@@ -94,7 +95,10 @@ async def create_intent(request: web.Request) -> web.Response:
         projected = objects.payment_intent(
             {**values, "capture_method": capture_method, "id": intent_id, "status": status,
              "created": now}, settings.secret_bytes)
-        return await accept(request, command, projected)
+        accepted = await accept(request, command, projected)
+        if not values["confirm"]:
+            return accepted
+        return await waited(request, intent_id, accepted, lambda: read_intent(request, intent_id))
 
     with bound(intent=intent_id):
         return await idempotent(request, key, fp, execute)
@@ -185,7 +189,8 @@ async def confirm_intent(request: web.Request) -> web.Response:
         projected = {**current, "status": status, "payment_method": payment_method,
                      "capture_method": values.get("capture_method") or current["capture_method"],
                      "last_payment_error": None}
-        return await accept(request, command, projected)
+        accepted = await accept(request, command, projected)
+        return await waited(request, intent_id, accepted, lambda: read_intent(request, intent_id))
 
     with bound(intent=intent_id):
         return await idempotent(request, key, fp, execute)

@@ -27,8 +27,9 @@ from contracts.transitions import Action, next_status, state
 from edge import params
 from edge.accept import Outcome, accept, applied_before, idempotent
 from edge.idempotency import check_key, fingerprint
-from edge.intents import current_view, unknown_intent
+from edge.intents import current_view, read_intent, unknown_intent
 from edge.keys import ACCOUNT_ID, REQUEST_ID
+from edge.settle import waited
 from ops.logs import bound
 
 routes = web.RouteTableDef()
@@ -38,8 +39,9 @@ Plan = Callable[[dict[str, Any], dict[str, Any]], tuple[ClientCommand, dict[str,
 
 
 async def _accept_for_intent(request: web.Request, path: str, values: dict[str, Any],
-                             plan: Plan) -> web.Response:
-    """Claim the key, refuse what the current state forbids (`plan` raises), publish."""
+                             plan: Plan, *, may_wait: bool = False) -> web.Response:
+    """Claim the key, refuse what the current state forbids (`plan` raises), publish; with
+    `may_wait`, answer the outcome when the client prefers to wait for it (edge/settle.py)."""
     intent_id = request.match_info["id"]
     key = check_key(request.headers.get("Idempotency-Key"))
     fp = fingerprint("POST", path, values)
@@ -55,7 +57,10 @@ async def _accept_for_intent(request: web.Request, path: str, values: dict[str, 
                   "request_id": request[REQUEST_ID], "accepted_at": int(time.time()),
                   "idempotency_key": key, "fingerprint": fp}
         command, projected = plan(current, common)
-        return await accept(request, command, projected)
+        accepted = await accept(request, command, projected)
+        if not may_wait:
+            return accepted
+        return await waited(request, intent_id, accepted, lambda: read_intent(request, intent_id))
 
     with bound(intent=intent_id):
         return await idempotent(request, key, fp, execute)
@@ -105,7 +110,7 @@ async def capture_intent(request: web.Request) -> web.Response:
         return CaptureIntent(**common, **values), {**current, "status": status.value}
 
     path = f"/v1/payment_intents/{request.match_info['id']}/capture"
-    return await _accept_for_intent(request, path, values, plan)
+    return await _accept_for_intent(request, path, values, plan, may_wait=True)
 
 
 @routes.post("/v1/payment_intents/{id}/cancel")

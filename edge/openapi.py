@@ -69,12 +69,15 @@ flight is a 409 with `Stripe-Should-Retry: true`. Requests that fail validation 
 will be once applied, only after the command is durably queued. Reads answer **425 Too Early**
 (with `Retry-After`) until it is applied.
 
-**Statuses not used**: a declined payment is not a 402: the payment runs after the 202, and a
-decline shows on the intent (`last_payment_error`) and its charge, so no request answers 402.
-There is no rate limit today: the only 429 refuses a long-poll (`wait`) while too many requests
-wait on one edge process. Server errors are 503 with
-`Stripe-Should-Retry: true` when a dependency is down or a publish was not confirmed; retry
-with the same Idempotency-Key.
+**Outcomes in the answer**: with `Prefer: wait=N` (RFC 7240, N up to 30 seconds), a create
+with `confirm=true`, a confirm and a capture wait, once accepted, for the payment's outcome:
+200 with the PaymentIntent, or **402** `card_error` for a decline (with the `charge` and the
+`payment_intent`), as Stripe answers; the 202 when the outcome does not come in time.
+
+**Rate limits**: an account over `PAYONCE_RATE_LIMIT_PER_S` (when set) gets **429**
+`rate_limit`, and so does a long-poll while too many wait on one edge process. Server errors
+are 503 with `Stripe-Should-Retry: true` when a dependency is down or a publish was not
+confirmed; retry with the same Idempotency-Key.
 
 **Long-polls**: `GET /v1/payment_intents/{{id}}?wait=N` and `…/charge?wait=N` (N from 0 to 30
 seconds) answer as soon as the intent changes while a command or a payment is under way (its
@@ -117,6 +120,8 @@ class Operation:
     # Schema keywords added to body parameters for rules the handler checks beyond each
     # field's validator (e.g. the charge minimums).
     body_rules: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Takes `Prefer: wait=N` and may answer the outcome (edge/settle.py).
+    waits: bool = False
 
 
 # ---- answers ---------------------------------------------------------------------------------
@@ -151,6 +156,9 @@ E409 = Answer("The same Idempotency-Key is still being executed (`idempotency_ke
               "retry shortly.", headers=("Stripe-Should-Retry", "Retry-After"))
 E425 = Answer("Accepted but not applied yet (`resource_not_ready`); retry after `Retry-After` "
               "seconds.", headers=("Retry-After", "Stripe-Should-Retry"))
+E402 = Answer("With `Prefer: wait=N`: the payment was declined (`card_error`, with `code`, "
+              "`decline_code`, `charge` and the `payment_intent`).",
+              headers=("Idempotent-Replayed", "Preference-Applied"))
 E429 = Answer("The account sent more requests than its rate limit (`PAYONCE_RATE_LIMIT_PER_S`) "
               "allows, or too many long-polls wait on this edge process (`rate_limit`); nothing "
               "was done. Retry after `Retry-After` seconds (a long-poll also without `wait`).",
@@ -174,6 +182,13 @@ def _errors(*statuses: int, post: bool = False) -> dict[int, Answer]:
     table = {400: E400_POST if post else E400, 401: E401, 404: E404, 409: E409, 425: E425,
              429: E429, 503: E503}
     return {status: table[status] for status in statuses}
+
+
+def _outcome(description: str) -> dict[int, Answer]:
+    """The answers of a POST that may wait for its payment's outcome."""
+    return {200: Answer(f"With `Prefer: wait=N`, once the outcome came in time: {description}",
+                        "payment_intent", ("Idempotent-Replayed", "Preference-Applied")),
+            402: E402}
 
 
 def _post_errors(*statuses: int) -> dict[int, Answer]:
@@ -215,20 +230,21 @@ OPERATIONS: tuple[Operation, ...] = (
         {**_ok("The PaymentIntent as it will be once applied: `requires_payment_method`, "
                "`requires_confirmation` (with a payment method) or `processing` "
                "(`confirm=true`).", "payment_intent", 202, post=True, links=_INTENT_LINKS),
-         **_post_errors()},
+         **_outcome("`succeeded`, `requires_capture`, …"), **_post_errors()},
         description="`confirm=true` needs a `payment_method` (400 "
                     "`payment_intent_unexpected_state` without one).",
-        body=params.CREATE_INTENT, body_rules={"amount": _charge_minimums()}),
+        body=params.CREATE_INTENT, body_rules={"amount": _charge_minimums()}, waits=True),
     Operation(
         "post", "/v1/payment_intents/{id}/confirm", "PostPaymentIntentsIntentConfirm",
         "Confirm a PaymentIntent", "PaymentIntents",
         {**_ok("The PaymentIntent, `processing`.", "payment_intent", 202, post=True,
                links=_CONFIRMED_LINKS),
+         **_outcome("`succeeded`, or `requires_capture` for a manual capture."),
          **_post_errors(404, 425)},
         description="400 `payment_intent_unexpected_state` where its status forbids it, or "
                     "when it has no payment method and none is given. 425 while Redis's "
                     "recent data loss leaves it unknown whether the intent was accepted.",
-        body=params.CONFIRM_INTENT, path_id=_INTENT_ID),
+        body=params.CONFIRM_INTENT, path_id=_INTENT_ID, waits=True),
     Operation(
         "get", "/v1/payment_intents/{id}", "GetPaymentIntentsIntent", "Retrieve a PaymentIntent",
         "PaymentIntents",
@@ -279,11 +295,11 @@ OPERATIONS: tuple[Operation, ...] = (
         {**_ok("The PaymentIntent, `processing` while the PSP captures; then `succeeded` "
                "with `amount_received`.", "payment_intent", 202, post=True,
                links=_CONFIRMED_LINKS),
-         **_post_errors(404, 425)},
+         **_outcome("`succeeded`, with `amount_received`."), **_post_errors(404, 425)},
         description="Only from `requires_capture` (400 `payment_intent_unexpected_state` "
                     "otherwise). `amount_to_capture` defaults to `amount_capturable`; more "
                     "is a 400 `amount_too_large`; what is not captured is released.",
-        body=params.CAPTURE_INTENT, path_id=_INTENT_ID),
+        body=params.CAPTURE_INTENT, path_id=_INTENT_ID, waits=True),
     Operation(
         "post", "/v1/payment_intents/{id}/cancel", "PostPaymentIntentsIntentCancel",
         "Cancel a PaymentIntent", "PaymentIntents",
@@ -414,6 +430,19 @@ _HEADERS: dict[str, dict[str, Any]] = {
     "Stripe-Should-Retry": {"description": "Whether retrying the request can succeed, as "
                                            "Stripe's libraries read it.",
                             "schema": {"type": "string", "enum": ["true", "false"]}},
+    "Preference-Applied": {"description": "`wait=N` when the answer is the outcome the "
+                                          "request waited for.",
+                           "schema": {"type": "string", "pattern": "^wait=[0-9]+$"}},
+}
+
+_PREFER = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "description": "`wait=N` (RFC 7240; N seconds, at most 30): answer the payment's outcome "
+                   "(200, or 402 for a decline) if it comes within N, else the 202. Other "
+                   "preferences are ignored.",
+    "schema": {"type": "string"},
 }
 
 _IDEMPOTENCY_KEY = {
@@ -495,6 +524,8 @@ def _parameters(op: Operation) -> list[dict[str, Any]]:
         out.append(parameter)
     if op.method == "post":
         out.append(_IDEMPOTENCY_KEY)
+    if op.waits:
+        out.append(_PREFER)
     return out
 
 
