@@ -96,6 +96,12 @@ class OutboxRelay:
         self._idle_s = idle_s
         self._timeout_s = timeout_s
         self._wake = asyncio.Event()
+        # Events per batch: BATCH, halved after a batch the broker did not confirm in time,
+        # grown back by a quarter after each one it did. A broker too slow to confirm a whole
+        # batch within the timeout (busy, or just restarted with a backlog) still sees the
+        # relay make progress, in smaller batches, instead of the same batch timing out for
+        # ever.
+        self.batch = BATCH
 
     async def run(self, loop: Loop) -> None:
         """The relay's body: returns or raises only when it must start over."""
@@ -116,14 +122,20 @@ class OutboxRelay:
             await declare_events(channel, self._topology)
             exchange = await channel.get_exchange(self._topology.events)
             while True:
-                rows = await conn.fetch(UNPUBLISHED, self._topology.events, BATCH)
+                rows = await conn.fetch(UNPUBLISHED, self._topology.events, self.batch)
                 loop.beat()
                 if rows:
-                    await self._publish(exchange, rows)
+                    try:
+                        await self._publish(exchange, rows)
+                    except TimeoutError:
+                        self.batch = max(1, self.batch // 2)
+                        raise
+                    self.batch = min(BATCH, self.batch + max(1, self.batch // 4))
                     # On the channel itself: a robust channel answers a passive declare of a
                     # queue it declared before from its own memory, without asking the broker.
                     underlay = await channel.get_underlay_channel()
-                    await underlay.queue_declare(self._topology.webhooks, passive=True)
+                    async with asyncio.timeout(self._timeout_s):
+                        await underlay.queue_declare(self._topology.webhooks, passive=True)
                     await conn.execute(MARK_PUBLISHED, [r["seq"] for r in rows])
                     metrics.EVENTS_PUBLISHED.inc(len(rows))
                     continue

@@ -354,3 +354,11 @@ async def start_proc(
     except AssertionError:
         raise AssertionError(f"{kind} did not start:\n{proc.log()[-3000:]}") from None
     return proc
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks the tests that take private servers, so `make test` runs them apart
+    (tests/parallel.py)."""
+    for item in items:
+        if "private_services" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.private)

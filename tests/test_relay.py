@@ -7,9 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
+import aio_pika
 import aiohttp
 
+from contracts.topology import Topology
+from ops.loops import Loop
+from processor.outbox import OutboxRelay
 from tests.conftest import Proc, free_port, make_settings, stack, start_proc
 from tests.support import EventTap
 
@@ -53,3 +58,49 @@ async def test_events_wait_for_the_relay_process_then_all_leave(
                 assert "payonce_processor_events_published_total 4.0" in text
                 assert "payonce_processor_outbox_lag_seconds 0.0" in text
         assert await relay.sigterm(within_s=20) == 0
+
+
+class SlowBroker(OutboxRelay):
+    """A broker that confirms at most CONFIRMS_IN_TIME publishes within the timeout."""
+
+    CONFIRMS_IN_TIME = 25
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.sizes: list[int] = []
+
+    async def _publish(self, exchange: Any, rows: list[Any]) -> None:
+        self.sizes.append(len(rows))
+        if len(rows) > self.CONFIRMS_IN_TIME:
+            raise TimeoutError
+        await super()._publish(exchange, rows)
+
+
+async def test_a_broker_too_slow_for_a_whole_batch_still_gets_every_event(
+        migrated: None) -> None:
+    settings = make_settings(processor_relay=False)
+    async with stack(settings) as s, EventTap(settings).bound() as tap:
+        api = await s.client()
+        made = await asyncio.gather(*(
+            api.create(amount=1000 + i, currency="usd", payment_method="pm_card_visa",
+                       confirm="true") for i in range(30)))
+        for reply in made:
+            await api.wait_for(reply.body["id"], {"succeeded"})
+        events = {r["id"] for r in await s.db.fetch(
+            "SELECT id FROM events WHERE account_id = $1", api.account_id)}
+        assert len(events) == 120
+        connection = await aio_pika.connect_robust(settings.amqp_url)
+        relay = SlowBroker(settings.database_url, connection,
+                           Topology(settings.amqp_prefix, settings.partitions),
+                           settings.sweep_interval_s, settings.publish_timeout_s)
+        loop = Loop("outbox_relay", relay.run, stale_after_s=30, max_backoff_s=0.1)
+        loop.start()
+        try:
+            await tap.receive(events)
+        finally:
+            await loop.stop()
+            await connection.close()
+        # Halved until a batch went through, then grown back slowly: most rounds go through.
+        assert relay.sizes[:4] == [120, 100, 50, 25], relay.sizes
+        failed = [n for n in relay.sizes[4:] if n > SlowBroker.CONFIRMS_IN_TIME]
+        assert len(failed) < len(relay.sizes[4:]) / 2, relay.sizes
