@@ -51,7 +51,7 @@ run: venv services
 	exec $(VENV)/bin/payonce dev
 
 test: venv services tools
-	$(VENV)/bin/python -m tests.parallel $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # Prometheus' promtool checks the alert rules, and its server scrapes a real stack in a test;
 # headless Chromium loads the API reference page.

@@ -357,8 +357,8 @@ async def start_proc(
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Marks the tests that take private servers, so `make test` runs them apart
-    (tests/parallel.py)."""
+    """Marks the tests that take private servers: `pytest -m "not private"` leaves out the ones
+    that stop and kill servers."""
     for item in items:
         if "private_services" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.private)
