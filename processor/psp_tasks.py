@@ -87,6 +87,8 @@ ORDER BY next_try_at
 LIMIT $1
 """,
 )
+# Held authorizations are checked for expiry at least this often (see TaskRunner.sweep).
+EXPIRY_CHECK_MAX_S = 60.0
 # Authorizations held longer than the capture window, of this deployment's intents.
 EXPIRED = """
 SELECT p.id, p.account_id, c.id AS charge_id, a.request_id
@@ -140,12 +142,20 @@ class TaskRunner(AttemptRunner):
 
     async def sweep(self, loop: Loop) -> None:
         """The sweeper's body: resume tasks, report again results never applied, and expire
-        authorizations held past the capture window."""
+        authorizations held past the capture window. Held authorizations are looked for a
+        few times per window, at most every EXPIRY_CHECK_MAX_S: the query reads every one
+        held, and with a window of days a check every sweep would read them all each second
+        for nothing."""
+        s = self._settings
+        every_s = max(s.sweep_interval_s, min(s.capture_window_s / 4, EXPIRY_CHECK_MAX_S))
+        next_check = 0.0
         while True:
             await self.sweep_once()
-            await self._expire()
+            if time.monotonic() >= next_check:
+                await self._expire()
+                next_check = time.monotonic() + every_s
             loop.beat()
-            await asyncio.sleep(self._settings.sweep_interval_s)
+            await asyncio.sleep(s.sweep_interval_s)
 
     async def _expire(self) -> None:
         s = self._settings
