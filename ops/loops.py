@@ -35,6 +35,8 @@ LOOP_LAST_BEAT = Gauge(
 )
 
 BACKOFF_START_S = 0.1
+# A loop being stopped that has not ended is cancelled again after this long.
+STOP_RETRY_S = 1.0
 
 
 class Loop:
@@ -52,6 +54,7 @@ class Loop:
         self._max_backoff_s = max_backoff_s
         self._last_beat = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.failures = 0
 
     def beat(self) -> None:
@@ -68,7 +71,7 @@ class Loop:
 
     async def _run(self) -> None:
         delay = BACKOFF_START_S
-        while True:
+        while not self._stopping:
             try:
                 await self._body(self)
                 delay = BACKOFF_START_S
@@ -86,9 +89,17 @@ class Loop:
                 delay = min(delay * 2, self._max_backoff_s)
 
     async def stop(self) -> None:
-        if self._task is not None:
+        """Cancel the loop and wait until it ended. A body may swallow a cancellation (a
+        library that catches it, or asyncio.wait_for on Python 3.11 losing one that comes as
+        its inner call finishes) and run on: it is cancelled again until it ends, and the
+        loop does not start its body again once stopping."""
+        if self._task is None:
+            return
+        self._stopping = True
+        while not self._task.done():
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task], timeout=STOP_RETRY_S)
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
 def _expected(exc: BaseException) -> bool:

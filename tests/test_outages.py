@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from contracts import ids
 from contracts.pending import PendingCommands
 from contracts.topology import CommandPublisher, PublishFailed, Topology, declare
+from ops.loops import Loop
 from tests.conftest import make_settings, stack
 
 VALID = {"amount": "1000", "currency": "usd", "payment_method": "pm_card_visa",
@@ -106,3 +107,27 @@ async def test_marker_left_by_a_failed_removal_lapses(
         again = await api.post(f"{path}/confirm")
         assert again.status == 202, again.body
         assert (await api.wait_for(intent_id))["status"] == "succeeded"
+
+
+async def test_a_loop_whose_body_swallows_a_cancellation_still_stops() -> None:
+    """asyncio.wait_for on Python 3.11 (inside redis-py, for one) can lose a cancellation: the
+    loop's body then runs on, and stop() must cancel it again rather than wait for ever."""
+    swallowed = 0
+
+    async def body(loop: Loop) -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed > 2:
+                    raise
+            loop.beat()
+
+    loop = Loop("swallower", body, stale_after_s=5)
+    loop.start()
+    await asyncio.sleep(0.1)
+    async with asyncio.timeout(10):
+        await loop.stop()
+    assert swallowed == 3
