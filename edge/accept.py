@@ -162,20 +162,28 @@ def unavailable(dependency: str, exc: BaseException) -> ServiceUnavailable:
         "Idempotency-Key.", headers={"Stripe-Should-Retry": "true"})
 
 
-async def applied_before(request: web.Request, key: str, fp: str) -> Outcome | None:
+async def applied_before(
+    request: web.Request, key: str, fp: str, *, fetch: str = FETCH_INTENT,
+    render: Callable[[Any], dict[str, Any]] | None = None,
+) -> Outcome | None:
     """The answer for a key Postgres remembers and Redis forgot (flushed, or the edge died
-    between publishing and storing): the intent as it is now, marked as a replay."""
+    between publishing and storing): the object as it is now, marked as a replay. `fetch`
+    reads the inbox row's object by (id, account), `render` turns it into the API's object;
+    by default a PaymentIntent."""
     db = request.app[DB]
     row = await db.fetchrow(FETCH_INBOX, request[ACCOUNT_ID], key)
     if row is None:
         return None
     if row["fingerprint"] != fp:
         raise mismatch(key)
-    intent = await db.fetchrow(FETCH_INTENT, row["object_id"], request[ACCOUNT_ID])
-    if intent is None:
+    found = await db.fetchrow(fetch, row["object_id"], request[ACCOUNT_ID])
+    if found is None:
         return None
     metrics.IDEMPOTENCY.labels("replayed_from_postgres").inc()
-    body = orjson.dumps(objects.payment_intent(intent, request.app[SETTINGS].secret_bytes))
+    if render is None:
+        body = orjson.dumps(objects.payment_intent(found, request.app[SETTINGS].secret_bytes))
+    else:
+        body = orjson.dumps(render(found))
     return Outcome(202, body, {"Idempotent-Replayed": "true"})
 
 

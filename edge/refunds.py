@@ -19,7 +19,6 @@ import re
 import time
 from typing import Any
 
-import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -34,9 +33,16 @@ from contracts.errors import (
     TooEarly,
 )
 from contracts.refunds import not_refundable
-from edge import lists, metrics, params
-from edge.accept import FETCH_INBOX, Outcome, accept, idempotent, json_response, unavailable
-from edge.idempotency import check_key, fingerprint, mismatch
+from edge import lists, params
+from edge.accept import (
+    Outcome,
+    accept,
+    applied_before,
+    idempotent,
+    json_response,
+    unavailable,
+)
+from edge.idempotency import check_key, fingerprint
 from edge.intents import APPLIED_KEYS, RETRY_AFTER_S, current_view, unknown_intent
 from edge.keys import ACCOUNT_ID, DB, IDEMPOTENCY, PENDING, REDIS, REQUEST_ID, SETTINGS
 from edge.params import Field, accepts
@@ -193,21 +199,6 @@ async def _left_to_refund(request: web.Request, intent_id: str, charge_id: str) 
     return max(left, 0), charge
 
 
-async def _applied_before(request: web.Request, key: str, fp: str) -> Outcome | None:
-    """The answer for a key Postgres remembers and Redis forgot: the refund as it is now."""
-    db = request.app[DB]
-    row = await db.fetchrow(FETCH_INBOX, request[ACCOUNT_ID], key)
-    if row is None:
-        return None
-    if row["fingerprint"] != fp:
-        raise mismatch(key)
-    refund = await db.fetchrow(FETCH_REFUND, row["object_id"], request[ACCOUNT_ID])
-    if refund is None:
-        return None
-    metrics.IDEMPOTENCY.labels("replayed_from_postgres").inc()
-    return Outcome(202, orjson.dumps(objects.refund(refund)), {"Idempotent-Replayed": "true"})
-
-
 @routes.post("/v1/refunds")
 async def create(request: web.Request) -> web.Response:
     key = check_key(request.headers.get("Idempotency-Key"))
@@ -218,7 +209,8 @@ async def create(request: web.Request) -> web.Response:
     refund_id = ids.refund_id(settings.secret_bytes, account_id, key)
 
     async def execute() -> Outcome:
-        replay = await _applied_before(request, key, fp)
+        replay = await applied_before(request, key, fp, fetch=FETCH_REFUND,
+                                      render=objects.refund)
         if replay is not None:
             return replay
         intent_id, charge = await _target(request, values)
