@@ -19,7 +19,9 @@ services, in the test database, with a RabbitMQ prefix of its own), then measure
 - deliver: a `payonce dispatcher` runs beside them, delivering every event of those payments to
   one endpoint, a receiver in this process that answers 200 at once: events delivered per
   second (from the first event's commit to the last delivery), the delivery lag (event
-  committed → receiver got it) and the dispatcher's CPU time, read from /proc.
+  committed → receiver got it) and the dispatcher's CPU time, read from /proc;
+- deliver at fixed rates: the relay and the dispatcher alone (ops/bench_deliver.py), at
+  event rates above the processor's full settle rate, and with a second endpoint that hangs.
 
 Every loop is bounded by a request count; nothing here runs in the test suite.
 """
@@ -136,13 +138,17 @@ class CPUMeter:
 
 
 class Receiver:
-    """The webhook receiver: answers 200 at once and notes when each event first arrived."""
+    """The webhook receiver: answers 200 at once (or after `hang_s`) and notes when each event
+    first arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, hang_s: float = 0.0) -> None:
+        self.hang_s = hang_s
         self.first_seen: dict[str, float] = {}
 
     async def handle(self, request: web.Request) -> web.Response:
         await request.read()
+        if self.hang_s:
+            await asyncio.sleep(self.hang_s)
         self.first_seen.setdefault(request.headers["webhook-id"], time.time())
         return web.Response(status=200)
 
@@ -262,7 +268,7 @@ BODY = {"amount": "2000", "currency": "usd", "payment_method": "pm_card_visa",
 
 
 async def bench(settings: Settings, n: int, concurrency: int, latency: str,
-                relay_apart: bool, mixed_n: int) -> None:
+                relay_apart: bool, mixed_n: int, deliver: bool) -> None:
     keys = [str(uuid.uuid4()) for _ in range(n)]
     body = BODY
     async with deployment(settings, latency, relay_apart) as d:
@@ -314,6 +320,11 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str,
             peak_rss = {role: _peak_rss_mb(proc.pid) for role, proc in zip(roles, procs,
                                                                            strict=True)}
         mixed = await _mixed(d, mixed_n, concurrency) if mixed_n else ""
+    delivering = ""
+    if deliver:
+        # Imported here: ops.bench_deliver builds on this module.
+        from ops import bench_deliver
+        delivering = await bench_deliver.table(settings)
 
     delivered = {i: t for i, t in receiver.first_seen.items() if i in events}
     lags = [t - events[i] for i, t in delivered.items()]
@@ -356,7 +367,7 @@ PSP ledger rows for the {n} payments: {ledger} (one per attempt)
 Dispatcher CPU time: {dispatcher_cpu_s:.1f} s for {len(delivered)} deliveries \
 ({dispatcher_cpu_s / max(len(delivered), 1) * 1000:.2f} ms each), \
 {dispatcher_cpu_s / deliver_s * 100:.0f}% of a core while it delivered
-{mixed}""")
+{mixed}{delivering}""")
 
 
 def _cpu_rows(cpu: dict[str, float], payments: int) -> str:
@@ -506,9 +517,11 @@ def main() -> None:
     parser.add_argument("--mixed", type=int, default=1000, metavar="N",
                         help="payments in the mixed workload (create, confirm, capture, cancel, "
                              "refund) after the rest; 0 skips it (default 1000)")
+    parser.add_argument("--no-deliver", action="store_true",
+                        help="skip webhook delivery at fixed event rates (ops/bench_deliver.py)")
     args = parser.parse_args()
     asyncio.run(bench(Settings.from_env(), args.n, args.concurrency, args.psp_latency,
-                      args.relay == "apart", args.mixed))
+                      args.relay == "apart", args.mixed, not args.no_deliver))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class Dispatcher:
         self._pool: Database = pool
         self._amqp = connection
         self.deliverer = Deliverer(pool, client, s, topology.events)
-        intake = Intake(pool, connection, topology, s.secret_bytes, self.deliverer.wake)
+        intake = Intake(pool, connection, topology, s.secret_bytes, self.deliverer)
         # Stalled when no progress was shown for a few rounds, or for longer than a database
         # or broker call may take; the settler also waits on the database.
         stale_s = max(10 * s.sweep_interval_s, 3 * max(s.db_timeout_s, s.publish_timeout_s))
@@ -69,6 +69,10 @@ class Dispatcher:
         await self._serve_health()
         log.info("dispatcher started", extra={"ids": {
             "allow_private": s.webhook_allow_private, "concurrency": s.webhook_concurrency}})
+
+    def loop(self, name: str) -> Loop:
+        """One of its loops by name: webhook_intake, webhook_claimer, webhook_settler."""
+        return next(loop for loop in self._loops if loop.name == name)
 
     async def _serve_health(self) -> None:
         s = self.settings

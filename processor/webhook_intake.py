@@ -5,7 +5,9 @@ durable queue `{prefix}.webhooks`. The intake consumes that queue and takes what
 batches: for each event, one webhook_deliveries row per enabled, undeleted endpoint of the
 event's account whose `enabled_events` receive it (contracts/webhooks.receives), all inserted
 in one statement, `ON CONFLICT (endpoint_id, event_id) DO NOTHING`, with a due time of now.
-The batch's messages are acked only after that statement committed.
+The same statement records the first attempt of those the dispatcher sends itself, under its
+lease (processor/webhooks.py: Deliverer.reserve and hand_off), so a new delivery is sent
+without a claim. The batch's messages are acked only after that statement committed.
 
 A dispatcher that dies before the commit leaves its messages unacked: the broker gives them to
 another consumer (or to the same one, restarted) and the batch is recorded then. One that dies
@@ -22,8 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import aio_pika
 import orjson
@@ -52,21 +55,52 @@ ACK_TIMEOUT_S = 5.0
 # Every event of the batch (LEFT JOIN: one that no endpoint receives still shows it exists),
 # with each enabled endpoint of its account.
 MATCH = """
-SELECT ev.id AS event_id, ev.seq, ev.object_id, ev.type, ev.account_id,
-       e.id AS endpoint_id, e.enabled_events
+SELECT ev.id AS event_id, ev.seq, ev.object_id, ev.type, ev.account_id, ev.created, ev.data,
+       ev.previous_attributes, ev.request_id, ev.idempotency_key,
+       e.id AS endpoint_id, e.enabled_events, e.url
 FROM events ev
 LEFT JOIN webhook_endpoints e
     ON e.account_id = ev.account_id AND e.status = 'enabled' AND e.deleted_at IS NULL
 WHERE ev.id = ANY($1::text[])
+ORDER BY ev.seq
 """
+# A delivery with a place (> 0) in one of this dispatcher's chains is recorded under its lease,
+# its first attempt claimed (as processor/webhooks.py's CLAIM would), unless an earlier event
+# of its object is due for its endpoint and not held by this dispatcher ($10): then it is left
+# to a claim, which keeps them in order. Its lease covers the attempts before it in its chain.
 INSERT_DELIVERIES = """
 INSERT INTO webhook_deliveries (id, account_id, endpoint_id, event_id, object_id, event_seq,
-                                exchange, next_attempt_at)
-SELECT d.id, d.account_id, d.endpoint_id, d.event_id, d.object_id, d.event_seq, $7, now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
-    AS d (id, account_id, endpoint_id, event_id, object_id, event_seq)
+                                exchange, next_attempt_at, attempts, locked_until)
+SELECT d.id, d.account_id, d.endpoint_id, d.event_id, d.object_id, d.event_seq, $7, now(),
+       CASE WHEN t.take THEN 1 ELSE 0 END,
+       CASE WHEN t.take THEN now() + make_interval(secs => $8 * d.place) END
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+            $9::int[])
+    AS d (id, account_id, endpoint_id, event_id, object_id, event_seq, place)
+CROSS JOIN LATERAL (
+    SELECT d.place > 0 AND NOT EXISTS (
+        SELECT FROM webhook_deliveries p
+        WHERE p.endpoint_id = d.endpoint_id AND p.object_id = d.object_id
+          AND p.state = 'pending' AND p.event_seq < d.event_seq
+          AND p.next_attempt_at <= now() AND p.id <> ALL($10::text[])) AS take
+) t
 ON CONFLICT (endpoint_id, event_id) DO NOTHING
+RETURNING id, attempts, next_attempt_at, locked_until
 """
+
+
+class Deliveries(Protocol):
+    """What the intake hands its new deliveries to (processor.webhooks.Deliverer)."""
+
+    @property
+    def lease_seconds(self) -> float: ...
+
+    def held(self) -> list[str]: ...
+
+    def reserve(self, groups: list[tuple[str, str]]) -> dict[tuple[str, str], int]: ...
+
+    def hand_off(self, places: dict[tuple[str, str], int], rows: list[Mapping[str, Any]],
+                 since: float) -> None: ...
 
 
 class Intake:
@@ -76,13 +110,13 @@ class Intake:
         connection: aio_pika.abc.AbstractRobustConnection,
         topology: Topology,
         secret: bytes,
-        on_recorded: Callable[[], None],
+        deliveries: Deliveries,
     ) -> None:
         self._pool = pool
         self._amqp = connection
         self._topology = topology
         self._secret = secret
-        self._on_recorded = on_recorded
+        self._deliveries = deliveries
 
     async def run(self, loop: Loop) -> None:
         """The intake's body (ops.loops.Loop): consume until the channel closes."""
@@ -176,29 +210,50 @@ class Intake:
             delay = min(delay * 2, RETRY_MAX_S)
 
     async def _record(self, event_ids: list[str]) -> set[str]:
-        columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
         known: set[str] = set()
-        # Two statements, no transaction: each is atomic, and a crash between them leaves
-        # the messages unacked, to be recorded again. A BEGIN and a COMMIT would be two more
-        # round trips for every batch.
+        new: list[dict[str, Any]] = []
         async with self._pool.acquire() as conn:
             for row in await conn.fetch(MATCH, event_ids):
                 known.add(row["event_id"])
                 if row["endpoint_id"] is None or not receives(row["enabled_events"], row["type"]):
                     continue
-                values = (
-                    ids.webhook_delivery_id(self._secret, row["endpoint_id"], row["event_id"]),
-                    row["account_id"], row["endpoint_id"], row["event_id"], row["object_id"],
-                    row["seq"])
-                for column, value in zip(columns, values, strict=True):
-                    column.append(value)
-            made = 0
-            if columns[0]:
-                status = await conn.execute(INSERT_DELIVERIES, *columns, self._topology.events)
-                made = int(status.rsplit(" ", 1)[-1])
-        if made:
-            metrics.DELIVERIES_RECORDED.inc(made)
-            self._on_recorded()
+                new.append({**dict(row), "id": ids.webhook_delivery_id(
+                    self._secret, row["endpoint_id"], row["event_id"])})
+            if not new:
+                return known
+            # In event order (MATCH's), each object's deliveries to an endpoint are a group.
+            groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for delivery in new:
+                groups.setdefault((delivery["endpoint_id"], delivery["object_id"]),
+                                  []).append(delivery)
+            pending: dict[str, int] = {}
+            for delivery in new:
+                pending[delivery["event_id"]] = pending.get(delivery["event_id"], 0) + 1
+            places = self._deliveries.reserve(list(groups))
+            for key, group in groups.items():
+                first = places.get(key, 0)
+                for i, delivery in enumerate(group):
+                    delivery["place"] = first + i if first else 0
+                    delivery["pending_webhooks"] = pending[delivery["event_id"]]
+            recorded: list[Mapping[str, Any]] = []
+            since = time.monotonic()
+            try:
+                # One statement, no transaction: it is atomic, and a crash after it leaves
+                # the messages unacked, to be recorded again as a no-op. A BEGIN and a COMMIT
+                # would be two more round trips for every batch.
+                for r in await conn.fetch(
+                        INSERT_DELIVERIES, *(
+                            [d[c] for d in new] for c in (
+                                "id", "account_id", "endpoint_id", "event_id", "object_id",
+                                "seq")),
+                        self._topology.events, self._deliveries.lease_seconds,
+                        [d["place"] for d in new], self._deliveries.held()):
+                    recorded.append(r)
+            finally:
+                by_id = {d["id"]: d for d in new}
+                self._deliveries.hand_off(
+                    places, [{**by_id[r["id"]], **r} for r in recorded], since)
+        metrics.DELIVERIES_RECORDED.inc(len(recorded))
         return known
 
 

@@ -1,20 +1,42 @@
 """Webhook deliveries: durable tasks in Postgres, sent under a lease, settled in batches.
 
 A delivery (webhook_deliveries, recorded by processor/webhook_intake.py) is due when it is
-`pending` and its `next_attempt_at` has come. The claimer takes due deliveries of its own
-deployment (`exchange`) with `FOR UPDATE SKIP LOCKED` and gives each a lease
-(`locked_until`) and its attempt number (`attempts`, one more than any attempt recorded), so
-several dispatchers never send one attempt twice. Each claimed delivery is POSTed once: the
-Event as the Events API renders it, signed afresh (processor/signing.py), with the event id as
-`webhook-id` on every attempt. The result is settled, together with others, in one
-transaction: the attempt is recorded in webhook_attempts, and the delivery becomes
-`succeeded` (2xx), `failed` (a 410, or the last attempt failed), or stays `pending` with its
-next attempt due after the next step of `webhook_retry_schedule_s` (with jitter; at least
-what a `Retry-After` asked for, up to the schedule's last step), and its lease is released.
-A 410 disables the endpoint, and so does an unbroken run of failed attempts lasting
+`pending` and its `next_attempt_at` has come. A dispatcher sends only deliveries it holds the
+lease of (`locked_until`), with their attempt number (`attempts`, one more than any attempt
+recorded), so several dispatchers never send one attempt twice. It takes them two ways:
+
+- new ones, from its intake, which records them under its lease in the same statement
+  (webhook_intake.INSERT_DELIVERIES): the usual path, with no claim at all;
+- any other due delivery (a retry, one asked for again, one another dispatcher left, one the
+  intake had no room for), from the claimer, which takes them from the due ones of its own
+  deployment (`exchange`) with `FOR UPDATE SKIP LOCKED`.
+
+Each delivery is POSTed once: the Event as the Events API renders it, signed afresh
+(processor/signing.py), with the event id as `webhook-id` on every attempt. The result is
+settled, together with others, in one statement (or one transaction, when it disables an
+endpoint): the attempt is recorded in webhook_attempts, and the delivery becomes `succeeded`
+(2xx), `failed` (a 410, or the last attempt failed), or stays `pending` with its next attempt
+due after the next step of `webhook_retry_schedule_s` (with jitter; at least what a
+`Retry-After` asked for, up to the schedule's last step), and its lease is released. A 410
+disables the endpoint, and so does an unbroken run of failed attempts lasting
 `webhook_disable_after_s` (`failing_since`): status `disabled`, `disabled_reason`, and a
 `webhook_endpoint.disabled` event for the outbox relay, in the transaction of that settle.
 Deliveries of an endpoint that is disabled or deleted end `failed` without being sent.
+
+Order: one object's deliveries to one endpoint that a dispatcher holds form a chain, sent one
+after the other in `event_seq` order, each once the one before it is settled (the settle also
+tells whether the endpoint is still enabled: if not, the chain stops and gives back the rest).
+The intake leaves a new delivery to the claimer while an earlier event of its object is due
+for its endpoint and held by nobody or by another dispatcher, and the claimer takes an
+object's deliveries only if the first of them is not under way; so one object's events reach
+an endpoint in order, unless an earlier one is waiting for a retry (or, with more than
+MAX_LOOK deliveries due at once, is further back in the line than the claim looks). A
+delivery's lease covers the attempts before it in its chain.
+
+Bounds: at most `webhook_concurrency` chains at once per dispatcher, and
+`webhook_endpoint_concurrency` per endpoint, each chain with one attempt under way at most, so
+an endpoint that hangs holds its own slots and no others. While an endpoint has deliveries
+left to the claimer, its new ones are left there too, behind them.
 
 A retry requested meanwhile (`POST /v1/events/{id}/retry` sets the delivery `pending` and due
 now at any moment) is never lost: a settle changes the state and due time only where the due
@@ -22,18 +44,11 @@ time is still the one it claimed; otherwise it records its attempt, releases the
 leaves the delivery due, so it is sent again. A settle whose lease was lost (another
 dispatcher took the delivery over) only records its attempt.
 
-A dispatcher that dies mid-attempt (or before its settle commits) leaves the lease to expire
-(`webhook_timeout_s` plus the settle's database calls); any dispatcher then claims the
-delivery again, records the lost attempt as interrupted, and sends it again: the receiver may
-get it twice, with the same `webhook-id`. Scheduled retries are rows, so they survive restarts
-of every process and of RabbitMQ.
-
-Order: a delivery is not claimed while an earlier event of the same object is due for the same
-endpoint (or being sent to it), so one object's events reach an endpoint in `event_seq` order,
-unless an earlier one is waiting for a retry (or, with more than MAX_LOOK deliveries due at
-once, is further back in the line than the claim looks). Bounds: at most `webhook_concurrency`
-attempts at once per dispatcher, and `webhook_endpoint_concurrency` per endpoint, enforced in
-the claim itself, so an endpoint that hangs holds its own slots and no others.
+A dispatcher that stops gracefully gives back the leases of the deliveries it held and did
+not send. One that dies mid-attempt (or before its settle commits) leaves the leases to
+expire; any dispatcher then claims the delivery again, records the lost attempt as
+interrupted, and sends it again: the receiver may get it twice, with the same `webhook-id`.
+Scheduled retries are rows, so they survive restarts of every process and of RabbitMQ.
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -82,10 +98,11 @@ FAILING_REASON = "Every delivery attempt failed for {days:g} days."
 
 # Rows an attempt is claimed from; see the module's docstring. The look ahead is the due
 # deliveries, oldest first, of live endpoints not at their bound here ($2: so a hanging
-# endpoint's backlog does not fill it), attempts under way included. Of each object's
-# deliveries to an endpoint only the first in event order may go, and only if it is not under
-# way: that keeps one object's events in order without a per-row search. Each endpoint then
-# gets at most its free slots ($4, $5, $6), first places first.
+# endpoint's backlog does not fill it), attempts under way included. An object's deliveries to
+# an endpoint go as a chain, in event order, and only if the first is not under way: that
+# keeps one object's events in order without a per-row search. Each endpoint then gets at
+# most its free slots in chains ($4, $5, $6), first places first, and the claim at most $7
+# chains. A delivery's lease covers the attempts before it in its chain (`link`).
 CLAIM = """
 WITH ahead AS (
     SELECT d.id, d.endpoint_id, d.object_id, d.next_attempt_at, d.event_seq, d.locked_until
@@ -101,33 +118,41 @@ WITH ahead AS (
     FROM ahead
     ORDER BY endpoint_id, object_id, event_seq
 ), ranked AS (
-    SELECT id, endpoint_id,
-           row_number() OVER (PARTITION BY endpoint_id ORDER BY next_attempt_at, event_seq)
-               AS place
-    FROM heads
-    WHERE locked_until IS NULL OR locked_until < now()
-), picked AS (
-    SELECT d.id, d.locked_until AS old_lock
+    SELECT h.endpoint_id, h.object_id, h.next_attempt_at, h.event_seq,
+           row_number() OVER (PARTITION BY h.endpoint_id
+                              ORDER BY h.next_attempt_at, h.event_seq) AS place
+    FROM heads h
+    WHERE h.locked_until IS NULL OR h.locked_until < now()
+), chains AS (
+    SELECT r.endpoint_id, r.object_id
     FROM ranked r
-    JOIN webhook_deliveries d ON d.id = r.id
     LEFT JOIN unnest($4::text[], $5::int[]) AS busy (endpoint_id, running)
         ON busy.endpoint_id = r.endpoint_id
     WHERE r.place <= $6 - coalesce(busy.running, 0)
-      AND d.state = 'pending' AND d.next_attempt_at <= now()
-      AND (d.locked_until IS NULL OR d.locked_until < now())
-    ORDER BY r.place
+    ORDER BY r.next_attempt_at, r.event_seq
     LIMIT $7
+), links AS (
+    SELECT a.id, row_number() OVER (PARTITION BY a.endpoint_id, a.object_id
+                                    ORDER BY a.event_seq) AS link
+    FROM ahead a JOIN chains c USING (endpoint_id, object_id)
+    WHERE a.locked_until IS NULL OR a.locked_until < now()
+), picked AS (
+    SELECT d.id, d.locked_until AS old_lock, l.link
+    FROM links l
+    JOIN webhook_deliveries d ON d.id = l.id
+    WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+      AND (d.locked_until IS NULL OR d.locked_until < now())
     FOR UPDATE OF d SKIP LOCKED
 ), claimed AS (
     UPDATE webhook_deliveries d
-    SET locked_until = now() + make_interval(secs => $8), updated_at = now(),
+    SET locked_until = now() + make_interval(secs => $8 * picked.link), updated_at = now(),
         attempts = 1 + GREATEST(d.attempts, (
             SELECT coalesce(max(a.attempt), 0) FROM webhook_attempts a
             WHERE a.delivery_id = d.id))
     FROM picked
     WHERE d.id = picked.id
-    RETURNING d.id, d.account_id, d.endpoint_id, d.event_id, d.attempts, d.next_attempt_at,
-              d.locked_until, picked.old_lock
+    RETURNING d.id, d.account_id, d.endpoint_id, d.object_id, d.event_id, d.attempts,
+              d.next_attempt_at, d.locked_until, d.event_seq, picked.old_lock, picked.link
 ), interrupted AS (
     -- The attempt before this one was claimed and never settled: its dispatcher died.
     INSERT INTO webhook_attempts (delivery_id, attempt, created, latency_ms, error,
@@ -140,11 +165,12 @@ WITH ahead AS (
 )
 SELECT c.*, e.url, ev.type, ev.created, ev.data, ev.previous_attributes, ev.request_id,
        ev.idempotency_key,
-       (SELECT count(*) FROM webhook_deliveries p
-        WHERE p.event_id = c.event_id AND p.state = 'pending') AS pending_webhooks
+       (SELECT count(*) FILTER (WHERE p.state = 'pending') FROM webhook_deliveries p
+        WHERE p.event_id = c.event_id) AS pending_webhooks
 FROM claimed c
 JOIN webhook_endpoints e ON e.id = c.endpoint_id
 JOIN events ev ON ev.id = c.event_id
+ORDER BY c.endpoint_id, c.object_id, c.link
 """
 # Settles a batch. The state and due time change only where the due time is still the one
 # claimed (else a retry was requested meanwhile: the delivery stays due), and only under this
@@ -177,14 +203,18 @@ WITH s AS (
     WHERE e.id = h.endpoint_id
       AND e.failing_since IS DISTINCT FROM (
           CASE WHEN h.reset THEN h.fail_since ELSE coalesce(e.failing_since, h.fail_since) END)
+), recorded AS (
+    INSERT INTO webhook_attempts (delivery_id, attempt, created, status_code, latency_ms,
+                                  error, next_attempt_at)
+    SELECT s.id, s.attempt, s.started, s.status_code, s.latency_ms, s.error,
+           CASE WHEN settled.id IS NULL THEN now() + make_interval(secs => s.delay_s)
+                ELSE settled.next_attempt_at END
+    FROM s LEFT JOIN settled ON settled.id = s.id
+    ON CONFLICT (delivery_id, attempt) DO NOTHING
 )
-INSERT INTO webhook_attempts (delivery_id, attempt, created, status_code, latency_ms, error,
-                              next_attempt_at)
-SELECT s.id, s.attempt, s.started, s.status_code, s.latency_ms, s.error,
-       CASE WHEN settled.id IS NULL THEN now() + make_interval(secs => s.delay_s)
-            ELSE settled.next_attempt_at END
-FROM s LEFT JOIN settled ON settled.id = s.id
-ON CONFLICT (delivery_id, attempt) DO NOTHING
+-- The batch's endpoints that may still be sent to: a chain goes on only to those.
+SELECT e.id FROM webhook_endpoints e
+WHERE e.id = ANY($11::text[]) AND e.status = 'enabled' AND e.deleted_at IS NULL
 """
 # Run after SETTLE in its transaction, so it sees the `failing_since` just set.
 FAILING_TOO_LONG = """
@@ -205,6 +235,13 @@ FROM webhook_endpoints e
 WHERE e.id = d.endpoint_id AND (e.status <> 'enabled' OR e.deleted_at IS NOT NULL)
   AND d.exchange = $1 AND d.state = 'pending' AND d.next_attempt_at <= now()
   AND (d.locked_until IS NULL OR d.locked_until < now())
+"""
+# Leases of deliveries held and never sent, given back.
+RELEASE = """
+UPDATE webhook_deliveries d
+SET locked_until = NULL, attempts = d.attempts - 1, updated_at = now()
+FROM unnest($1::text[], $2::timestamptz[]) AS u (id, lease)
+WHERE d.id = u.id AND d.locked_until = u.lease AND d.state = 'pending'
 """
 DUE = """
 SELECT count(*) AS due, extract(epoch FROM now() - min(next_attempt_at)) AS oldest_s
@@ -246,8 +283,23 @@ def plan(settings: Settings, attempt: int, outcome: Outcome) -> tuple[str, float
     return "pending", delay, ""
 
 
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A delivery this dispatcher holds the lease of, waiting in its chain."""
+
+    row: Mapping[str, Any]
+    # time.monotonic() after which its lease might run out during the attempt: not sent, it
+    # is left to be claimed when the lease has run out.
+    send_by: float
+
+
 class Deliverer:
-    """Claims due deliveries, sends them, settles them; see the module's docstring."""
+    """Claims due deliveries, sends them, settles them; see the module's docstring.
+
+    Deliveries are sent in chains: the ones of one object to one endpoint that this
+    dispatcher holds, one after the other in event order. A chain holds one of the endpoint's
+    slots and one of the dispatcher's while it lasts.
+    """
 
     def __init__(
         self, pool: Database, client: WebhookClient, settings: Settings, exchange: str
@@ -259,40 +311,200 @@ class Deliverer:
         self._lease_s = lease_s(settings)
         self._secrets: dict[str, str] = {}
         self._running: set[asyncio.Task[None]] = set()
-        self._busy: dict[str, int] = {}
+        self._chains: dict[tuple[str, ...], deque[Taken]] = {}
+        self._busy: dict[str, int] = {}  # chains per endpoint, reserved ones included
+        self._reserved = 0
+        # Deliveries claimed here and not yet settled: the intake chains later events of
+        # their objects behind them instead of leaving those to a claim.
+        self._held: dict[str, Mapping[str, Any]] = {}
+        # Endpoints that may have due deliveries nobody holds: worth a claim when they have
+        # a free slot.
+        # (A dict for the time each was marked, so a claim clears only what it could see.)
+        self._waiting: dict[str, int] = {}
+        self._marks = 0
+        self._claimed: set[str] = set()  # held deliveries that came from a claim
+        # A chain's next delivery is sent once the one before it is settled: True if the
+        # chain may go on (its endpoint is still enabled).
+        self._waiters: dict[str, asyncio.Future[bool]] = {}
+        self._unsent: list[Mapping[str, Any]] = []
         self._settles: list[Settled] = []
         self._wake = asyncio.Event()
         self._settle_wake = asyncio.Event()
         self._settled = asyncio.Event()
         self._next_due = float("inf")
+        self._sweep_at = 0.0
         self._stopping = False
 
+    @property
+    def lease_seconds(self) -> float:
+        return self._lease_s
+
+    def held(self) -> list[str]:
+        return list(self._held)
+
     def wake(self) -> None:
-        """New deliveries were recorded, or a slot or an object's turn came free."""
+        """Deliveries may be due that nobody holds: claim now rather than at the next sweep."""
+        self._sweep_at = 0.0
         self._wake.set()
+
+    # --- deliveries the intake takes -------------------------------------------------------
+
+    def reserve(self, groups: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """For new deliveries, grouped by (endpoint, object) in event order: the place in its
+        chain of the first delivery of each group this dispatcher sends itself (a group of an
+        object with a chain here joins its end; any other takes a free slot, which stays
+        reserved until `hand_off`). The rest are left to a claim."""
+        places: dict[tuple[str, str], int] = {}
+        cap = self._settings.webhook_endpoint_concurrency
+        room = self._room()
+        for key in groups:
+            endpoint_id = key[0]
+            chain = self._chains.get(key)
+            if self._stopping:
+                self._wait_for_claim(endpoint_id)
+            elif chain is not None:
+                places[key] = len(chain) + 2  # after the one under way and those queued
+            elif (room > 0 and self._busy.get(endpoint_id, 0) < cap
+                  and endpoint_id not in self._waiting):
+                # Not while the endpoint may have deliveries left to a claim: those are
+                # older, and go first.
+                places[key] = 1
+                room -= 1
+                self._reserved += 1
+                self._busy[endpoint_id] = self._busy.get(endpoint_id, 0) + 1
+            else:
+                self._wait_for_claim(endpoint_id)
+        return places
+
+    def hand_off(self, places: dict[tuple[str, str], int], rows: list[Mapping[str, Any]],
+                 since: float) -> None:
+        """The deliveries recorded under this dispatcher's lease (in event order) by a
+        statement sent at `since` (time.monotonic()), sent in their chains; the reservations
+        of `places` are released."""
+        for key, place in places.items():
+            if place == 1:
+                self._reserved -= 1
+                self._release_slot(key[0])
+        untaken = False
+        for row in rows:
+            if row["locked_until"] is None:
+                untaken = True
+                self._wait_for_claim(row["endpoint_id"])
+                continue
+            self._enqueue(row, (row["endpoint_id"], row["object_id"]), row["place"], since)
+        if untaken:
+            self.wake()
+
+    def _room(self) -> int:
+        return self._settings.webhook_concurrency - len(self._chains) - self._reserved
+
+    def _enqueue(self, row: Mapping[str, Any], key: tuple[str, ...], place: int,
+                 since: float) -> None:
+        self._held[row["id"]] = row
+        # Its lease, from a statement sent at `since`, must still cover the POST and the
+        # settle's wait when it starts.
+        s = self._settings
+        send_by = since + self._lease_s * place - s.webhook_timeout_s - s.db_timeout_s
+        chain = self._chains.get(key)
+        if chain is not None:
+            chain.append(Taken(row, send_by))
+            return
+        self._chains[key] = deque([Taken(row, send_by)])
+        self._busy[key[0]] = self._busy.get(key[0], 0) + 1
+        task = asyncio.create_task(self._run_chain(key))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        metrics.IN_FLIGHT.set(len(self._chains))
+
+    def _wait_for_claim(self, endpoint_id: str) -> None:
+        self._marks += 1
+        self._waiting[endpoint_id] = self._marks
+
+    def _forget(self, delivery_id: str) -> None:
+        """A delivery held here that will not be settled here: its lease runs out."""
+        self._held.pop(delivery_id, None)
+        self._claimed.discard(delivery_id)
+
+    def _release_slot(self, endpoint_id: str) -> None:
+        left = self._busy.get(endpoint_id, 1) - 1
+        if left > 0:
+            self._busy[endpoint_id] = left
+        else:
+            self._busy.pop(endpoint_id, None)
+
+    async def _run_chain(self, key: tuple[str, ...]) -> None:
+        """Sends a chain's deliveries one after the other, each once the one before it is
+        settled; stops at an endpoint disabled or deleted meanwhile, and gives the rest back."""
+        chain = self._chains[key]
+        try:
+            while chain and not self._stopping:
+                taken = chain.popleft()
+                delivery_id = taken.row["id"]
+                if time.monotonic() > taken.send_by:
+                    self._forget(delivery_id)
+                    continue
+                settled = asyncio.get_running_loop().create_future()
+                self._waiters[delivery_id] = settled
+                if not await self._send(taken.row):
+                    self._waiters.pop(delivery_id, None)
+                elif not await settled and chain:
+                    await self._give_back([t.row for t in chain])
+                    chain.clear()
+        finally:
+            self._unsent.extend(t.row for t in chain)
+            del self._chains[key]
+            self._release_slot(key[0])
+            metrics.IN_FLIGHT.set(len(self._chains))
+            self._wake.set()
 
     # --- the claimer -----------------------------------------------------------------------
 
     async def claim_loop(self, loop: Loop) -> None:
-        """The claimer's body (ops.loops.Loop)."""
+        """The claimer's body (ops.loops.Loop). A claim runs at every sweep (deliveries due
+        for a retry, asked for again, or left by a dispatcher that stopped), and between
+        sweeps when an endpoint with deliveries nobody holds has a free slot."""
         abandon_at = 0.0
         while not self._stopping:
-            if time.monotonic() >= abandon_at:
+            now = time.monotonic()
+            if now >= abandon_at:
                 await self._abandon()
-                abandon_at = time.monotonic() + self._settings.sweep_interval_s
+                abandon_at = now + self._settings.sweep_interval_s
             self._wake.clear()
-            room = self._settings.webhook_concurrency - len(self._running)
-            claimed = await self._claim(room) if room > 0 else 0
+            room = self._room()
+            sweep = now >= self._sweep_at or now >= self._next_due
+            if room > 0 and (sweep or self._worth_a_claim()):
+                if sweep:
+                    self._sweep_at = now + self._settings.sweep_interval_s
+                    if now >= self._next_due:
+                        self._next_due = float("inf")
+                full = self._full()
+                mark = self._marks
+                claimed = await self._claim(room, full)
+                loop.beat()
+                if claimed == room:
+                    continue  # more may be due
+                # Every delivery of an endpoint with room was claimed, or waits behind an
+                # earlier event of its object.
+                for endpoint_id in [e for e, at in self._waiting.items()
+                                    if at <= mark and e not in full]:
+                    del self._waiting[endpoint_id]
             loop.beat()
-            if room > 0 and claimed == room:
-                continue  # more may be due
-            await self._idle()
+            await self._idle(room)
 
-    async def _idle(self) -> None:
-        timeout = min(self._settings.sweep_interval_s, self._next_due - time.monotonic())
+    def _full(self) -> list[str]:
+        cap = self._settings.webhook_endpoint_concurrency
+        return [e for e, n in self._busy.items() if n >= cap]
+
+    def _worth_a_claim(self) -> bool:
+        cap = self._settings.webhook_endpoint_concurrency
+        return any(self._busy.get(e, 0) < cap for e in self._waiting)
+
+    async def _idle(self, room: int) -> None:
+        """Until a wake, or the next sweep; with no room, until a chain ends."""
+        timeout = min(self._sweep_at, self._next_due) - time.monotonic()
+        if room <= 0:
+            timeout = self._settings.sweep_interval_s
         await wait(self._wake, max(timeout, 0.0))
-        if self._next_due <= time.monotonic():
-            self._next_due = float("inf")
 
     async def _abandon(self) -> None:
         status = await self._pool.execute(ABANDON, self._exchange)
@@ -302,22 +514,26 @@ class Deliverer:
             log.info("deliveries of disabled or deleted endpoints failed without being sent",
                      extra={"ids": {"deliveries": dropped}})
 
-    async def _claim(self, room: int) -> int:
+    async def _claim(self, room: int, full: list[str]) -> int:
         s = self._settings
-        cap = s.webhook_endpoint_concurrency
-        full = [e for e, n in self._busy.items() if n >= cap]
         busy = list(self._busy)
+        since = time.monotonic()
         rows = await self._pool.fetch(
             CLAIM, self._exchange, full,
-            min(min(room, LOOK_SLOTS) * LOOK_AHEAD + len(self._running), MAX_LOOK), busy,
-            [self._busy[e] for e in busy], cap, room, self._lease_s)
-        for row in rows:
-            self._busy[row["endpoint_id"]] = self._busy.get(row["endpoint_id"], 0) + 1
-            task = asyncio.create_task(self._send(row))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-        metrics.IN_FLIGHT.set(len(self._running))
-        return len(rows)
+            min(min(room, LOOK_SLOTS) * LOOK_AHEAD + len(self._held), MAX_LOOK), busy,
+            [self._busy[e] for e in busy], s.webhook_endpoint_concurrency, room, self._lease_s)
+        chains: dict[tuple[str, str], tuple[str, ...]] = {}
+        for row in rows:  # each chain's in order
+            first = (row["endpoint_id"], row["object_id"])
+            key = chains.get(first)
+            if key is None:
+                # A chain here already (the claim found it not under way): this one's leases
+                # do not count its place in line, so it goes apart.
+                key = first if first not in self._chains else (*first, row["id"])
+                chains[first] = key
+            self._claimed.add(row["id"])
+            self._enqueue(row, key, row["link"], since)
+        return len(chains)
 
     def _secret(self, endpoint_id: str) -> str:
         secret = self._secrets.get(endpoint_id)
@@ -328,7 +544,8 @@ class Deliverer:
             self._secrets[endpoint_id] = secret
         return secret
 
-    async def _send(self, row: Mapping[str, Any]) -> None:
+    async def _send(self, row: Mapping[str, Any]) -> bool:
+        """POSTs one attempt; True once its outcome is in line to be settled."""
         endpoint_id = row["endpoint_id"]
         try:
             data = row["data"] or {}
@@ -354,19 +571,15 @@ class Deliverer:
                         None if delay is None else round(delay, 2)}})
                 self._settles.append(Settled(row, outcome, started, state, delay, finished))
                 self._settle_wake.set()
+                return True
         except Exception:
             # A bug, not the receiver's doing (those are outcomes): the lease runs out and
             # the delivery is sent again.
+            self._forget(row["id"])
             metrics.ATTEMPTS.labels("unexpected").inc()
             log.exception("delivery attempt crashed; it is resumed when its lease expires")
-        finally:
-            left = self._busy.get(endpoint_id, 1) - 1
-            if left > 0:
-                self._busy[endpoint_id] = left
-            else:
-                self._busy.pop(endpoint_id, None)
-            metrics.IN_FLIGHT.set(len(self._running) - 1)
-            self._wake.set()
+            return False
+
 
     # --- the settler -----------------------------------------------------------------------
 
@@ -379,33 +592,39 @@ class Deliverer:
             self._settle_wake.clear()
             while self._settles:
                 batch = self._settles[:SETTLE_BATCH]
-                await self._settle_isolating(batch)
+                going = await self._settle_isolating(batch)
                 del self._settles[:len(batch)]
-                self._after_settle(batch)
+                self._after_settle(batch, going)
             self._settled.set()
             loop.beat()
 
-    async def _settle_isolating(self, batch: list[Settled]) -> None:
+    async def _settle_isolating(self, batch: list[Settled]) -> set[str]:
+        """Settles the batch, one by one if it must; the deliveries whose chains may go on
+        (settled, to an endpoint still enabled)."""
         try:
-            await self._write(batch)
-            return
+            live = await self._write(batch)
+            return {one.delivery["id"] for one in batch if one.delivery["endpoint_id"] in live}
         except Exception as exc:
             if is_transient(exc):
                 metrics.TRANSIENT_FAILURES.labels("settle").inc()
                 raise
             log.warning("a batch of settles failed; writing them one by one",
                         extra={"ids": {"settles": len(batch), "error": repr(exc)}})
+        going: set[str] = set()
         for one in batch:
             try:
-                await self._write([one])
+                if one.delivery["endpoint_id"] in await self._write([one]):
+                    going.add(one.delivery["id"])
             except Exception as exc:
                 if is_transient(exc):
                     raise
                 # Its lease runs out and the delivery is sent again.
                 log.error("could not settle an attempt", extra={"ids": {
                     "delivery": one.delivery["id"], "error": repr(exc)}}, exc_info=True)
+        return going
 
-    async def _write(self, batch: list[Settled]) -> None:
+    async def _write(self, batch: list[Settled]) -> set[str]:
+        """Settles the batch; the endpoints of the batch that are still enabled."""
         cols: tuple[list[Any], ...] = tuple([] for _ in range(10))
         for one in batch:
             o = one.outcome
@@ -427,10 +646,9 @@ class Deliverer:
         if not failing and not gone:
             # Nothing to disable: one statement, atomic alone, with no BEGIN and COMMIT
             # round trips around it (the usual batch, every attempt a success).
-            await self._pool.execute(*settle)
-            return
+            return {r["id"] for r in await self._pool.fetch(*settle)}
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(*settle)
+            live = {r["id"] for r in await conn.fetch(*settle)}
             too_long: list[str] = []
             if failing:
                 too_long = [r["id"] for r in await conn.fetch(
@@ -441,6 +659,7 @@ class Deliverer:
                 days = self._settings.webhook_disable_after_s / 86400
                 await self._disable(conn, sorted(set(too_long) - set(gone)),
                                     FAILING_REASON.format(days=round(days, 3)), "failing")
+        return live - set(gone) - set(too_long)
 
     async def _disable(self, conn: Any, endpoint_ids: list[str], reason: str,
                        label: str) -> None:
@@ -460,9 +679,19 @@ class Deliverer:
             log.warning("webhook endpoint disabled", extra={"ids": {
                 "account": row["account_id"], "endpoint": row["id"], "reason": label}})
 
-    def _after_settle(self, batch: list[Settled]) -> None:
+    def _after_settle(self, batch: list[Settled], going: set[str]) -> None:
         now = time.time()
         for one in batch:
+            delivery_id = one.delivery["id"]
+            self._held.pop(delivery_id, None)
+            waiter = self._waiters.pop(delivery_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(delivery_id in going)
+            if delivery_id in self._claimed:
+                # A later event of its object may have been left to a claim behind it.
+                self._claimed.discard(delivery_id)
+                self._wait_for_claim(one.delivery["endpoint_id"])
+                self._wake.set()
             if one.finished:
                 metrics.DELIVERIES.labels(one.finished).inc()
             if one.outcome.succeeded:
@@ -470,8 +699,6 @@ class Deliverer:
             elif one.delay_s is not None:
                 metrics.RETRIES_SCHEDULED.inc()
                 self._next_due = min(self._next_due, time.monotonic() + one.delay_s)
-        # The next events of these objects may be claimed now.
-        self._wake.set()
 
     # --- the rest --------------------------------------------------------------------------
 
@@ -501,6 +728,22 @@ class Deliverer:
             self._settled.clear()
             self._settle_wake.set()
             await wait(self._settled, deadline - time.monotonic())
+        if self._unsent:
+            unsent, self._unsent = self._unsent, []
+            await self._give_back(unsent)
+
+    async def _give_back(self, rows: list[Mapping[str, Any]]) -> None:
+        """Leases of deliveries held and not sent, given back: any dispatcher may claim them
+        now, not when their leases run out."""
+        for row in rows:
+            self._forget(row["id"])
+        try:
+            await self._pool.execute(RELEASE, [r["id"] for r in rows],
+                                     [r["locked_until"] for r in rows])
+        except Exception as exc:
+            log.warning("could not give back the leases of deliveries not sent; they are "
+                        "claimed when the leases run out", extra={"ids": {
+                            "deliveries": len(rows), "error": repr(exc)}})
 
 
 async def wait(event: asyncio.Event, timeout_s: float) -> None:

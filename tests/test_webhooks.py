@@ -430,6 +430,89 @@ async def test_a_hanging_endpoint_does_not_hold_back_another(migrated: None) -> 
         await receiver.stop()
 
 
+async def test_new_deliveries_are_sent_by_the_intake_without_a_claim(migrated: None) -> None:
+    """The intake records each new delivery under its own lease and sends it: with the
+    claimer stopped, every event still arrives, in order, each in one attempt."""
+    receiver = await Receiver().start()
+    try:
+        async with stack(make_settings(), dispatcher=True) as s:
+            assert s.dispatcher is not None
+            await s.dispatcher.loop("webhook_claimer").stop()
+            api = await s.client()
+            endpoint, _ = await add_endpoint(s.db, s.settings, api.account_id,
+                                             receiver.url("intake"))
+            intent_id = await pay(api)
+            expected = len(EXPECTED_EVENTS[VISA])
+            await eventually(lambda: all_finished(s.db, endpoint, expected),
+                             "every event delivered without a claim")
+            rows = await deliveries(s.db, endpoint)
+            assert {(r["state"], r["attempts"]) for r in rows} == {("succeeded", 1)}
+            hits = [h.event for h in receiver.at("intake")]
+            assert len(hits) == expected
+            intent_events = [e["type"] for e in hits if e["data"]["object"]["id"] == intent_id]
+            assert intent_events == [t for t in EXPECTED_EVENTS[VISA]
+                                     if t.startswith("payment_intent.")]
+    finally:
+        await receiver.stop()
+
+
+async def test_a_graceful_stop_gives_back_the_deliveries_it_held_and_did_not_send(
+    migrated: None,
+) -> None:
+    """An object's events wait in line behind one being sent. A dispatcher stopped meanwhile
+    frees those it never sent, so the next one sends them once, in order, with no attempt
+    lost; the one cut off is sent again after its lease."""
+    receiver = await Receiver().start()
+    release = asyncio.Event()
+
+    async def hold_created(hit: Hit) -> web.StreamResponse:
+        if hit.event["type"] == "payment_intent.created":
+            await release.wait()
+        return web.Response(status=200)
+
+    receiver.handlers["held"] = hold_created
+    # The cut-off attempt's lease runs out after 3 s, then twice the 1-s db timeout, then 1 s.
+    settings = make_settings(webhook_timeout_s=3.0, shutdown_grace_s=0.5, db_timeout_s=1.0)
+    try:
+        async with stack(settings, dispatcher=True) as s:
+            api = await s.client()
+            endpoint, _ = await add_endpoint(s.db, s.settings, api.account_id,
+                                             receiver.url("held"),
+                                             ("payment_intent.created",
+                                              "payment_intent.processing",
+                                              "payment_intent.succeeded"))
+            await pay(api)
+
+            async def queued() -> bool:
+                rows = await deliveries(s.db, endpoint)
+                return len(rows) == 3 and all(r["locked_until"] is not None for r in rows)
+
+            await eventually(queued, "the intent's three events held by the dispatcher")
+            assert [h.event["type"] for h in receiver.at("held")] == ["payment_intent.created"]
+            await s.stop_dispatcher()
+            rows = {r["type"]: r for r in await deliveries(s.db, endpoint)}
+            for later in ("payment_intent.processing", "payment_intent.succeeded"):
+                assert (rows[later]["state"], rows[later]["attempts"],
+                        rows[later]["locked_until"]) == ("pending", 0, None)
+            assert rows["payment_intent.created"]["locked_until"] is not None
+            release.set()
+            await s.start_dispatcher()
+            await eventually(lambda: all_finished(s.db, endpoint, 3), "all three delivered")
+            arrived = [h.event["type"] for h in receiver.at("held")]
+            assert arrived == ["payment_intent.created", "payment_intent.created",
+                               "payment_intent.processing", "payment_intent.succeeded"]
+            for row in await deliveries(s.db, endpoint):
+                tries = [(a["attempt"], a["status_code"]) for a in
+                         await attempts(s.db, row["id"])]
+                if row["type"] == "payment_intent.created":
+                    assert tries == [(1, None), (2, 200)]  # cut off, then sent again
+                else:
+                    assert tries == [(1, 200)]
+    finally:
+        release.set()
+        await receiver.stop()
+
+
 async def given_up(s: Stack, endpoint: str) -> None:
     await eventually(lambda: all_finished(s.db, endpoint, 1), "given up")
 
