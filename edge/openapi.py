@@ -467,7 +467,33 @@ def field_schema(name: str, spec_field: Field) -> dict[str, Any]:
     schema = dict(check.schema)
     if spec_field.required and schema.get("type") == "string":
         schema["minLength"] = max(1, schema.get("minLength", 0))
+    elif (not spec_field.required and spec_field.may_be_empty
+          and check not in params.EMPTY_IS_A_VALUE and not _admits_empty(schema)):
+        # An empty value unsets an optional parameter: the document says it takes one.
+        outer = {k: v for k, v in schema.items() if k == "description" or k.startswith("x-")}
+        inner = {k: v for k, v in schema.items() if k not in outer}
+        schema = {"anyOf": [inner, {"const": ""}], **outer}
     return schema
+
+
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A body parameter's schema that also takes JSON's null, which params.validate reads as a
+    value not given."""
+    outer = {k: v for k, v in schema.items() if k == "description" or k.startswith("x-")}
+    inner = {k: v for k, v in schema.items() if k not in outer}
+    branches = inner["anyOf"] if set(inner) == {"anyOf"} else [inner]
+    return {"anyOf": [*branches, {"type": "null"}], **outer}
+
+
+def _admits_empty(schema: Mapping[str, Any]) -> bool:
+    """Whether the empty string is valid under a schema of the kinds validators state."""
+    if "anyOf" in schema:
+        return any(_admits_empty(s) for s in schema["anyOf"])
+    if "const" in schema or "enum" in schema:
+        return "" in schema.get("enum", [schema.get("const")])
+    if schema.get("type") != "string" or "format" in schema or schema.get("minLength", 0) > 0:
+        return False
+    return re.search(schema.get("pattern", ""), "") is not None
 
 
 def _nested(schema: Mapping[str, Any]) -> bool:
@@ -481,6 +507,8 @@ def _body(op: Operation) -> dict[str, Any]:
     properties = {}
     for name, spec_field in op.body.items():
         prop = field_schema(name, spec_field)
+        if not spec_field.required and spec_field.may_be_empty:
+            prop = _or_null(prop)
         rules = dict(op.body_rules.get(name, {}))
         if "description" in rules and "description" in prop:
             rules["description"] = f"{prop['description']} {rules['description']}"

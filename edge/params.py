@@ -470,12 +470,16 @@ def positive_amount(value: Any, param: str) -> int:
 class Field:
     check: Validator[Any]
     required: bool = False
+    # Whether an empty value (or JSON's null) may be sent for it, meaning "not given"; an
+    # update's parameter that cannot be removed refuses one.
+    may_be_empty: bool = True
 
 
 def validate(raw: Mapping[str, Any], spec: Mapping[str, Field]) -> dict[str, Any]:
     """Canonical parameters: every field of `spec`, None where not given.
 
-    An empty string unsets an optional parameter, as in Stripe's form encoding.
+    An empty string (or JSON's null) unsets an optional parameter, as in Stripe's form
+    encoding, unless the field says it may not be empty.
     """
     for name in raw:
         if name not in spec:
@@ -483,9 +487,11 @@ def validate(raw: Mapping[str, Any], spec: Mapping[str, Field]) -> dict[str, Any
     result: dict[str, Any] = {}
     for name, field in spec.items():
         value = raw.get(name)
-        if value is None or (value == "" and field.check not in _EMPTY_IS_A_VALUE):
+        if value is None or (value == "" and field.check not in EMPTY_IS_A_VALUE):
             if field.required:
                 raise ParameterMissing(f"Missing required param: {name}.", param=name)
+            if name in raw and not field.may_be_empty:
+                raise ParameterInvalid(f"Invalid {name}: it cannot be empty.", param=name)
             result[name] = None
             continue
         result[name] = field.check(value, name)
@@ -493,7 +499,7 @@ def validate(raw: Mapping[str, Any], spec: Mapping[str, Field]) -> dict[str, Any
 
 
 # Where an empty string is a value rather than "not given": it removes every key.
-_EMPTY_IS_A_VALUE = (metadata, metadata_changes)
+EMPTY_IS_A_VALUE = (metadata, metadata_changes)
 
 CREATE_INTENT = {
     "amount": Field(amount, required=True),
@@ -509,18 +515,17 @@ CREATE_INTENT = {
 CONFIRM_INTENT = {"payment_method": Field(payment_method),
                   "capture_method": Field(capture_method)}
 
+# Not empty: what an update cannot remove, as an intent always has them (payment_method:
+# Stripe's intents keep theirs until another replaces it).
 UPDATE_INTENT = {
-    "amount": Field(amount),
-    "currency": Field(currency),
+    "amount": Field(amount, may_be_empty=False),
+    "currency": Field(currency, may_be_empty=False),
     "customer": Field(string(255)),
     "description": Field(string(1000)),
     "metadata": Field(metadata_changes),
-    "payment_method": Field(payment_method),
-    "capture_method": Field(capture_method),
+    "payment_method": Field(payment_method, may_be_empty=False),
+    "capture_method": Field(capture_method, may_be_empty=False),
 }
-# What an update cannot remove: an intent always has them (payment_method: Stripe's intents
-# keep theirs until another replaces it).
-_KEPT = ("amount", "currency", "payment_method", "capture_method")
 
 CAPTURE_INTENT = {"amount_to_capture": Field(positive_amount)}
 
@@ -556,9 +561,6 @@ def update_intent(raw: Mapping[str, Any]) -> dict[str, Any]:
     description), "metadata": metadata_changes's form or None}. Whether the intent's status
     allows them, and the amount's minimum in its currency, are for the handler to check."""
     params = validate(raw, UPDATE_INTENT)
-    for name in _KEPT:
-        if raw.get(name) == "":
-            raise ParameterInvalid(f"Invalid {name}: it cannot be empty.", param=name)
     changes = {name: value for name, value in params.items()
                if name in raw and name != "metadata"}
     return {"changes": changes, "metadata": params["metadata"] if "metadata" in raw else None}

@@ -323,6 +323,12 @@ async def test_update_refusals(api: Client) -> None:
     assert_error(await api.post(path, {"currency": "jpy", "amount": "1"}), 400,
                  "amount_too_small", "amount")
     assert_error(await api.post(path, {"amount": ""}), 400, "parameter_invalid", "amount")
+    # JSON's null is an empty value too: what an intent always has cannot be removed.
+    for name in ("amount", "currency", "payment_method", "capture_method"):
+        assert_error(await api.post(path, json={name: None, "currency": "pln"}
+                                    if name == "amount" else {name: None}),
+                     400, "parameter_invalid", name)
+    assert (await api.get(path)).body["amount"] == 1000
     assert_error(await api.post(path, {"capture_method": "later"}), 400, "parameter_invalid",
                  "capture_method")
     assert_error(await api.post(path, {"confirm": "true"}), 400, "parameter_unknown",

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import orjson
 import pytest
 from openapi_spec_validator import validate as validate_spec
@@ -133,6 +134,20 @@ def probes(schema: Mapping[str, Any]) -> Iterator[tuple[Any, bool]]:
     if schema.get("type") == "boolean":
         yield True, True
         yield "yes", False
+
+
+def test_an_empty_value_is_documented_wherever_it_unsets_a_parameter() -> None:
+    """params.validate reads "" as "not given" for an optional parameter: its documented
+    schema must take "", or a client (and a fuzzer) is told a request it sends is invalid."""
+    checked = 0
+    for where, name, spec_field in spec_fields():
+        if spec_field.required or not spec_field.may_be_empty:
+            continue
+        validated = params.validate({name: ""}, {name: spec_field})
+        assert jsonschema.Draft202012Validator(openapi.field_schema(name, spec_field)).is_valid(
+            ""), (where, name, validated)
+        checked += 1
+    assert checked > 20
 
 
 def test_the_limits_in_each_schema_are_the_validators() -> None:
