@@ -2,9 +2,10 @@
 
 Events are written in the transaction of the state change that causes them, naming the
 exchange they go to. One relay per exchange holds an advisory lock and publishes them in `seq`
-order, each with its stable id as the message id, then marks them published. A crash between
-the broker's confirm and the mark publishes those events again (at least once); consumers
-dedupe by id.
+order, each with its stable id as the message id, in batches, then marks each batch published
+once the broker confirmed it; it reads and sends the next batches while the broker confirms
+(up to IN_FLIGHT at once). A crash between the broker's confirm and the mark publishes those
+events again (at least once); consumers dedupe by id.
 
 Events are published mandatory: the broker must route each one to at least one queue (the
 webhook queue, declared in contracts/topology.py, always binds them all). An event that comes
@@ -31,6 +32,7 @@ import asyncio
 import logging
 import math
 import zlib
+from collections import deque
 from typing import Any
 
 import aio_pika
@@ -49,8 +51,15 @@ from processor import metrics
 log = logging.getLogger(__name__)
 
 BATCH = 200
+# Batches published and not yet confirmed at once: the next one is read and sent while the
+# broker confirms the ones before it.
+IN_FLIGHT = 4
+# Not by a cursor on seq: an event whose transaction commits after a later seq was read must
+# still be found.
 UNPUBLISHED = """
-SELECT * FROM events WHERE exchange = $1 AND published_at IS NULL ORDER BY seq LIMIT $2
+SELECT * FROM events
+WHERE exchange = $1 AND published_at IS NULL AND seq <> ALL($3::bigint[])
+ORDER BY seq LIMIT $2
 """
 MARK_PUBLISHED = "UPDATE events SET published_at = now() WHERE seq = ANY($1::bigint[])"
 OLDEST_UNPUBLISHED = """
@@ -111,6 +120,7 @@ class OutboxRelay:
         except BaseException:
             await conn.close(timeout=self._timeout_s)
             raise
+        in_flight: deque[tuple[list[Any], asyncio.Task[None]]] = deque()
         try:
             await conn.add_listener("payonce_events", lambda *_: self._wake.set())
             # One relay per exchange publishes, so events leave in commit order; others wait.
@@ -122,25 +132,40 @@ class OutboxRelay:
             await declare_events(channel, self._topology)
             exchange = await channel.get_exchange(self._topology.events)
             while True:
-                rows = await conn.fetch(UNPUBLISHED, self._topology.events, self.batch)
-                loop.beat()
-                if rows:
-                    try:
-                        await self._publish(exchange, rows)
-                    except TimeoutError:
-                        self.batch = max(1, self.batch // 2)
-                        raise
-                    self.batch = min(BATCH, self.batch + max(1, self.batch // 4))
-                    # On the channel itself: a robust channel answers a passive declare of a
-                    # queue it declared before from its own memory, without asking the broker.
-                    underlay = await channel.get_underlay_channel()
-                    async with asyncio.timeout(self._timeout_s):
-                        await underlay.queue_declare(self._topology.webhooks, passive=True)
-                    await conn.execute(MARK_PUBLISHED, [r["seq"] for r in rows])
-                    metrics.EVENTS_PUBLISHED.inc(len(rows))
+                if len(in_flight) < IN_FLIGHT:
+                    sent = [seq for rows, _ in in_flight for seq in (r["seq"] for r in rows)]
+                    rows = await conn.fetch(UNPUBLISHED, self._topology.events, self.batch,
+                                            sent)
+                    loop.beat()
+                    if rows:
+                        in_flight.append(
+                            (rows, asyncio.create_task(self._publish(exchange, rows))))
+                        continue
+                if not in_flight:
+                    await self._idle()
                     continue
-                await self._idle()
+                # The oldest batch: confirmed, then marked; the others stay under way.
+                rows, publishing = in_flight.popleft()
+                try:
+                    await publishing
+                except TimeoutError:
+                    self.batch = max(1, self.batch // 2)
+                    raise
+                self.batch = min(BATCH, self.batch + max(1, self.batch // 4))
+                # On the channel itself: a robust channel answers a passive declare of a
+                # queue it declared before from its own memory, without asking the broker.
+                underlay = await channel.get_underlay_channel()
+                async with asyncio.timeout(self._timeout_s):
+                    await underlay.queue_declare(self._topology.webhooks, passive=True)
+                await conn.execute(MARK_PUBLISHED, [r["seq"] for r in rows])
+                metrics.EVENTS_PUBLISHED.inc(len(rows))
+                loop.beat()
         finally:
+            # Batches not confirmed are not marked: they go again in the next round.
+            for _, publishing in in_flight:
+                publishing.cancel()
+            if in_flight:
+                await asyncio.gather(*(p for _, p in in_flight), return_exceptions=True)
             # Closing over a dead connection must not hang the loop.
             for close in (channel.close, lambda: conn.close(timeout=self._timeout_s)):
                 try:

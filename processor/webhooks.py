@@ -34,8 +34,9 @@ MAX_LOOK deliveries due at once, is further back in the line than the claim look
 delivery's lease covers the attempts before it in its chain.
 
 Bounds: at most `webhook_concurrency` chains at once per dispatcher, and
-`webhook_endpoint_concurrency` per endpoint, each chain with one attempt under way at most, so
-an endpoint that hangs holds its own slots and no others. While an endpoint has deliveries
+`webhook_endpoint_concurrency` attempts under way per endpoint (a chain has one at most, and
+a new chain starts only if the endpoint has a slot nobody waits for), so an endpoint that
+hangs holds its own slots and no others. While an endpoint has deliveries
 left to the claimer, its new ones are left there too, behind them.
 
 A retry requested meanwhile (`POST /v1/events/{id}/retry` sets the delivery `pending` and due
@@ -297,8 +298,9 @@ class Deliverer:
     """Claims due deliveries, sends them, settles them; see the module's docstring.
 
     Deliveries are sent in chains: the ones of one object to one endpoint that this
-    dispatcher holds, one after the other in event order. A chain holds one of the endpoint's
-    slots and one of the dispatcher's while it lasts.
+    dispatcher holds, one after the other in event order. A chain holds one of the
+    dispatcher's slots while it lasts, and one of its endpoint's while it sends (not while the
+    outcome is settled: a chain back from its settle waits its turn for one).
     """
 
     def __init__(
@@ -312,7 +314,10 @@ class Deliverer:
         self._secrets: dict[str, str] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._chains: dict[tuple[str, ...], deque[Taken]] = {}
-        self._busy: dict[str, int] = {}  # chains per endpoint, reserved ones included
+        # Per endpoint: the slots held (by chains not waiting for a settle, and reserved),
+        # and the chains back from a settle waiting for one, each handed the next slot freed.
+        self._busy: dict[str, int] = {}
+        self._slot_waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._reserved = 0
         # Deliveries claimed here and not yet settled: the intake chains later events of
         # their objects behind them instead of leaving those to a claim.
@@ -364,7 +369,7 @@ class Deliverer:
                 self._wait_for_claim(endpoint_id)
             elif chain is not None:
                 places[key] = len(chain) + 2  # after the one under way and those queued
-            elif (room > 0 and self._busy.get(endpoint_id, 0) < cap
+            elif (room > 0 and self._load(endpoint_id) < cap
                   and endpoint_id not in self._waiting):
                 # Not while the endpoint may have deliveries left to a claim: those are
                 # older, and go first.
@@ -425,17 +430,47 @@ class Deliverer:
         self._held.pop(delivery_id, None)
         self._claimed.discard(delivery_id)
 
+    def _load(self, endpoint_id: str) -> int:
+        """The endpoint's slots held, and wanted by chains waiting for one."""
+        return self._busy.get(endpoint_id, 0) + len(self._slot_waiters.get(endpoint_id, ()))
+
     def _release_slot(self, endpoint_id: str) -> None:
+        """A slot freed: handed to the first chain waiting for one, if any."""
+        waiting = self._slot_waiters.get(endpoint_id)
+        while waiting:
+            waiter = waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._slot_waiters.pop(endpoint_id, None)
         left = self._busy.get(endpoint_id, 1) - 1
         if left > 0:
             self._busy[endpoint_id] = left
         else:
             self._busy.pop(endpoint_id, None)
 
+    async def _take_slot(self, endpoint_id: str) -> None:
+        """A slot for a chain back from a settle: at once if one is free and nobody waits
+        for one, else the next one freed."""
+        cap = self._settings.webhook_endpoint_concurrency
+        if self._load(endpoint_id) < cap:
+            self._busy[endpoint_id] = self._busy.get(endpoint_id, 0) + 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._slot_waiters.setdefault(endpoint_id, deque()).append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot(endpoint_id)  # handed over as it was cancelled
+            raise
+
     async def _run_chain(self, key: tuple[str, ...]) -> None:
         """Sends a chain's deliveries one after the other, each once the one before it is
         settled; stops at an endpoint disabled or deleted meanwhile, and gives the rest back."""
         chain = self._chains[key]
+        endpoint_id = key[0]
+        holding = True  # the slot _enqueue took
         try:
             while chain and not self._stopping:
                 taken = chain.popleft()
@@ -443,17 +478,27 @@ class Deliverer:
                 if time.monotonic() > taken.send_by:
                     self._forget(delivery_id)
                     continue
+                if not holding:
+                    await self._take_slot(endpoint_id)
+                    holding = True
                 settled = asyncio.get_running_loop().create_future()
                 self._waiters[delivery_id] = settled
-                if not await self._send(taken.row):
+                sent = await self._send(taken.row)
+                if not sent:
                     self._waiters.pop(delivery_id, None)
-                elif not await settled and chain:
+                    continue
+                # No request to the endpoint while the settle is written: the slot goes to
+                # another chain meanwhile.
+                self._release_slot(endpoint_id)
+                holding = False
+                if not await settled and chain:
                     await self._give_back([t.row for t in chain])
                     chain.clear()
         finally:
             self._unsent.extend(t.row for t in chain)
             del self._chains[key]
-            self._release_slot(key[0])
+            if holding:
+                self._release_slot(endpoint_id)
             metrics.IN_FLIGHT.set(len(self._chains))
             self._wake.set()
 
@@ -493,11 +538,11 @@ class Deliverer:
 
     def _full(self) -> list[str]:
         cap = self._settings.webhook_endpoint_concurrency
-        return [e for e, n in self._busy.items() if n >= cap]
+        return [e for e in {*self._busy, *self._slot_waiters} if self._load(e) >= cap]
 
     def _worth_a_claim(self) -> bool:
         cap = self._settings.webhook_endpoint_concurrency
-        return any(self._busy.get(e, 0) < cap for e in self._waiting)
+        return any(self._load(e) < cap for e in self._waiting)
 
     async def _idle(self, room: int) -> None:
         """Until a wake, or the next sweep; with no room, until a chain ends."""
@@ -516,12 +561,12 @@ class Deliverer:
 
     async def _claim(self, room: int, full: list[str]) -> int:
         s = self._settings
-        busy = list(self._busy)
+        busy = list({*self._busy, *self._slot_waiters})
         since = time.monotonic()
         rows = await self._pool.fetch(
             CLAIM, self._exchange, full,
             min(min(room, LOOK_SLOTS) * LOOK_AHEAD + len(self._held), MAX_LOOK), busy,
-            [self._busy[e] for e in busy], s.webhook_endpoint_concurrency, room, self._lease_s)
+            [self._load(e) for e in busy], s.webhook_endpoint_concurrency, room, self._lease_s)
         chains: dict[tuple[str, str], tuple[str, ...]] = {}
         for row in rows:  # each chain's in order
             first = (row["endpoint_id"], row["object_id"])

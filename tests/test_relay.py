@@ -100,7 +100,11 @@ async def test_a_broker_too_slow_for_a_whole_batch_still_gets_every_event(
         finally:
             await loop.stop()
             await connection.close()
-        # Halved until a batch went through, then grown back slowly: most rounds go through.
-        assert relay.sizes[:4] == [120, 100, 50, 25], relay.sizes
-        failed = [n for n in relay.sizes[4:] if n > SlowBroker.CONFIRMS_IN_TIME]
-        assert len(failed) < len(relay.sizes[4:]) / 2, relay.sizes
+        # Halved until a batch went through (the rest of a round, read while the batch before
+        # it was under way, may be smaller), then grown back slowly: most rounds go through.
+        assert relay.sizes[0] == 120, relay.sizes
+        halvings = iter(relay.sizes)
+        assert all(size in halvings for size in (100, 50, 25)), relay.sizes
+        after = relay.sizes[relay.sizes.index(25) + 1:]
+        failed = [n for n in after if n > SlowBroker.CONFIRMS_IN_TIME]
+        assert len(failed) < len(after) / 2 or not after, relay.sizes
