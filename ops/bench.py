@@ -252,15 +252,22 @@ async def deployment(settings: Settings, latency: str,
                 await asyncio.sleep(0.2)
         yield Deployment(base, conn, account, receiver, roles, procs)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
-        await conn.close()
-        await receiver_runner.cleanup()
-        amqp = await aio_pika.connect(settings.amqp_url)
-        async with amqp:
-            await delete(await amqp.channel(), topology)
+        await tear_down(settings, topology, procs, conn, [receiver_runner])
+
+
+async def tear_down(settings: Settings, topology: Topology, procs: list[subprocess.Popen[bytes]],
+                    conn: Any, runners: list[web.AppRunner]) -> None:
+    """Stops the processes, closes the connection and the receivers, deletes the topology."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(30)
+    await conn.close()
+    for runner in runners:
+        await runner.cleanup()
+    amqp = await aio_pika.connect(settings.amqp_url)
+    async with amqp:
+        await delete(await amqp.channel(), topology)
 
 
 BODY = {"amount": "2000", "currency": "usd", "payment_method": "pm_card_visa",

@@ -24,13 +24,12 @@ import time
 import uuid
 from typing import Any
 
-import aio_pika
 import asyncpg
 
 from contracts.ids import random_id
-from contracts.topology import Topology, delete
+from contracts.topology import Topology
 from ops.accounts import create_account
-from ops.bench import CPUMeter, Receiver, _free_port, _percentiles, _start
+from ops.bench import CPUMeter, Receiver, _free_port, _percentiles, _start, tear_down
 from ops.migrate import migrate
 from ops.postgres import _init
 from ops.settings import Settings
@@ -127,16 +126,7 @@ async def deliver(settings: Settings, rate: float, hanging: bool,
             await asyncio.sleep(0.05)
         cpu = meter.since_start()
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
-        await conn.close()
-        for runner in runners:
-            await runner.cleanup()
-        amqp = await aio_pika.connect(settings.amqp_url)
-        async with amqp:
-            await delete(await amqp.channel(), topology)
+        await tear_down(settings, topology, procs, conn, runners)
     lags = [t - events[i] for i, t in fast.first_seen.items() if i in events]
     got = max(len(lags), 1)
     per_event = [cpu[name] * 1000 / got for name in ("relay", "dispatcher", "PostgreSQL",
