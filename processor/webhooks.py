@@ -386,17 +386,22 @@ class Deliverer:
         """The deliveries recorded under this dispatcher's lease (in event order) by a
         statement sent at `since` (time.monotonic()), sent in their chains; the reservations
         of `places` are released."""
-        for key, place in places.items():
-            if place == 1:
-                self._reserved -= 1
-                self._release_slot(key[0])
+        reserved = {key for key, place in places.items() if place == 1}
+        self._reserved -= len(reserved)
         untaken = False
         for row in rows:
             if row["locked_until"] is None:
                 untaken = True
                 self._wait_for_claim(row["endpoint_id"])
                 continue
-            self._enqueue(row, (row["endpoint_id"], row["object_id"]), row["place"], since)
+            key = (row["endpoint_id"], row["object_id"])
+            # A new chain takes the slot reserved for it.
+            slot = key in reserved and key not in self._chains
+            if slot:
+                reserved.discard(key)
+            self._enqueue(row, key, row["place"], since, has_slot=slot)
+        for key in reserved:
+            self._release_slot(key[0])
         if untaken:
             self.wake()
 
@@ -404,7 +409,7 @@ class Deliverer:
         return self._settings.webhook_concurrency - len(self._chains) - self._reserved
 
     def _enqueue(self, row: Mapping[str, Any], key: tuple[str, ...], place: int,
-                 since: float) -> None:
+                 since: float, has_slot: bool = False) -> None:
         self._held[row["id"]] = row
         # Its lease, from a statement sent at `since`, must still cover the POST and the
         # settle's wait when it starts.
@@ -415,7 +420,8 @@ class Deliverer:
             chain.append(Taken(row, send_by))
             return
         self._chains[key] = deque([Taken(row, send_by)])
-        self._busy[key[0]] = self._busy.get(key[0], 0) + 1
+        if not has_slot:
+            self._busy[key[0]] = self._busy.get(key[0], 0) + 1
         task = asyncio.create_task(self._run_chain(key))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
