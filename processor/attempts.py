@@ -125,6 +125,8 @@ class AttemptRunner:
 
     sql: LeaseSQL = ATTEMPTS_SQL
     name = "attempt"
+    # What the PSP answers, as stored on the row (to_json) and read back (from_json).
+    result_type: Any = PSPResult
 
     def __init__(
         self, pool: Database, psp: PSP, publisher: CommandPublisher, settings: Settings,
@@ -207,14 +209,14 @@ class AttemptRunner:
     async def _settle(self, attempt: Any) -> None:
         attempt_id = attempt["id"]
         stored = attempt["result"]
-        result = PSPResult.from_json(stored) if stored else await self._call_psp(attempt)
+        result = self.result_type.from_json(stored) if stored else await self._call_psp(attempt)
         if result is None:
             return
         failpoints.hit("processor.after_psp_call", self.name)
         if stored is None:
             kept = await self._store(attempt_id, result.to_json())
             assert kept is not None, attempt_id  # the row exists: this runner claimed it
-            result = PSPResult.from_json(kept)
+            result = self.result_type.from_json(kept)
         command = self._result_command(attempt, result)
         try:
             await self._publisher.publish(command)
@@ -226,11 +228,19 @@ class AttemptRunner:
         await self._reported(attempt_id)
         log.info("psp result reported", extra={"ids": {"succeeded": result.succeeded}})
 
-    async def _call_psp(self, attempt: Any) -> PSPResult | None:
+    def _first_try(self, attempt: Any) -> int:
+        """The number of this claim's first try: the tries of every claim count."""
+        return int(attempt["tries"])
+
+    def _outcome(self, result: Any) -> str:
+        """The PSP_CALLS label of an answer."""
+        return "succeeded" if result.succeeded else "declined"
+
+    async def _call_psp(self, attempt: Any) -> Any:
         """The PSP's answer, or None to try again later."""
         s = self._settings
         delay = BACKOFF_START_S
-        for try_number in range(attempt["tries"], s.psp_max_tries + 1):
+        for try_number in range(self._first_try(attempt), s.psp_max_tries + 1):
             metrics.PSP_IN_FLIGHT.inc()
             started = time.perf_counter()
             outcome = "error"
@@ -249,7 +259,7 @@ class AttemptRunner:
                 log.error("psp rejected the request", extra={"ids": {"error": str(exc)}})
                 return self._rejected(str(exc))
             else:
-                outcome = "succeeded" if result.succeeded else "declined"
+                outcome = self._outcome(result)
                 return result
             finally:
                 metrics.PSP_IN_FLIGHT.dec()
@@ -264,22 +274,22 @@ class AttemptRunner:
             delay = min(delay * 2, s.psp_max_pause_s)
         return await self._give_up(attempt)
 
-    async def _psp_call(self, attempt: Any) -> PSPResult:
+    async def _psp_call(self, attempt: Any) -> Any:
         return await self._psp.charge(
             attempt["psp_key"], amount=attempt["amount"], currency=attempt["currency"],
             payment_method=attempt["payment_method"], capture=attempt["capture"])
 
-    def _rejected(self, reason: str) -> PSPResult:
+    def _rejected(self, reason: str) -> Any:
         """The result of a request the PSP refused outright."""
         return _processing_error()
 
-    def _result_command(self, attempt: Any, result: PSPResult) -> Command:
+    def _result_command(self, attempt: Any, result: Any) -> Command:
         return ApplyPSPResult(
             account_id=attempt["account_id"], intent_id=attempt["payment_intent_id"],
             request_id=attempt["request_id"] or "", accepted_at=int(time.time()),
             attempt_id=attempt["id"], **result.to_json())
 
-    async def _give_up(self, attempt: Any) -> PSPResult | None:
+    async def _give_up(self, attempt: Any) -> Any:
         """Out of tries: ask the PSP whether the charge exists. If it does, that is the answer;
         if the PSP says it does not, no retry with this key is outstanding any more, so the
         attempt fails cleanly and the intent goes back to requires_payment_method."""

@@ -100,6 +100,8 @@ class PSP(Protocol):
         self, key: str, *, kind: str, authorization_key: str, amount: int
     ) -> PSPResult: ...
 
+    async def refund(self, key: str, *, charge_key: str, amount: int) -> PSPRefundResult: ...
+
 
 def _declined(code: str, decline: str, message: str) -> PSPResult:
     return PSPResult(False, failure_code=code, decline_code=decline, failure_message=message)
