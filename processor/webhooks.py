@@ -420,9 +420,7 @@ class Deliverer:
             chain.append(Taken(row, send_by))
             return
         self._chains[key] = deque([Taken(row, send_by)])
-        if not has_slot:
-            self._busy[key[0]] = self._busy.get(key[0], 0) + 1
-        task = asyncio.create_task(self._run_chain(key))
+        task = asyncio.create_task(self._run_chain(key, has_slot))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         metrics.IN_FLIGHT.set(len(self._chains))
@@ -471,12 +469,13 @@ class Deliverer:
                 self._release_slot(endpoint_id)  # handed over as it was cancelled
             raise
 
-    async def _run_chain(self, key: tuple[str, ...]) -> None:
+    async def _run_chain(self, key: tuple[str, ...], holding: bool) -> None:
         """Sends a chain's deliveries one after the other, each once the one before it is
-        settled; stops at an endpoint disabled or deleted meanwhile, and gives the rest back."""
+        settled; stops at an endpoint disabled or deleted meanwhile, and gives the rest back.
+        `holding`: it starts with a slot reserved for it; else it takes one first (a claim's
+        chains: slots may have gone while the claim ran)."""
         chain = self._chains[key]
         endpoint_id = key[0]
-        holding = True  # the slot _enqueue took
         try:
             while chain and not self._stopping:
                 taken = chain.popleft()

@@ -430,6 +430,47 @@ async def test_a_hanging_endpoint_does_not_hold_back_another(migrated: None) -> 
         await receiver.stop()
 
 
+async def test_an_endpoints_bound_holds_while_chains_wait_for_their_settles(
+    migrated: None,
+) -> None:
+    """A chain gives its endpoint's slot to another while its outcome is settled, and waits
+    its turn for one after: with a bound of one, the receiver never sees two requests at
+    once, and every event of many payments arrives, each object's in order."""
+    receiver = await Receiver().start()
+    now = {"in": 0, "most": 0}
+
+    async def one_at_a_time(hit: Hit) -> web.StreamResponse:
+        now["in"] += 1
+        now["most"] = max(now["most"], now["in"])
+        try:
+            await asyncio.sleep(0.005)
+        finally:
+            now["in"] -= 1
+        return web.Response(status=200)
+
+    receiver.handlers["bound"] = one_at_a_time
+    try:
+        async with stack(make_settings(webhook_endpoint_concurrency=1),
+                         dispatcher=True) as s:
+            api = await s.client()
+            endpoint, _ = await add_endpoint(s.db, s.settings, api.account_id,
+                                             receiver.url("bound"))
+            payments = 12
+            intents = await asyncio.gather(*(pay(api) for _ in range(payments)))
+            expected = payments * len(EXPECTED_EVENTS[VISA])
+            await eventually(lambda: all_finished(s.db, endpoint, expected),
+                             "every event delivered")
+            assert now["most"] == 1
+            assert {r["state"] for r in await deliveries(s.db, endpoint)} == {"succeeded"}
+            hits = [h.event for h in receiver.at("bound")]
+            for intent_id in intents:
+                mine = [e["type"] for e in hits if e["data"]["object"]["id"] == intent_id]
+                assert mine == [t for t in EXPECTED_EVENTS[VISA]
+                                if t.startswith("payment_intent.")]
+    finally:
+        await receiver.stop()
+
+
 async def test_new_deliveries_are_sent_by_the_intake_without_a_claim(migrated: None) -> None:
     """The intake records each new delivery under its own lease and sends it: with the
     claimer stopped, every event still arrives, in order, each in one attempt."""
