@@ -250,9 +250,11 @@ class Intake:
                         [d["place"] for d in new], self._deliveries.held()):
                     recorded.append(r)
             finally:
-                by_id = {d["id"]: d for d in new}
+                # In event order again, whatever order RETURNING gave them in.
+                by_id = {d["id"]: (i, d) for i, d in enumerate(new)}
+                recorded.sort(key=lambda r: by_id[r["id"]][0])
                 self._deliveries.hand_off(
-                    places, [{**by_id[r["id"]], **r} for r in recorded], since)
+                    places, [{**by_id[r["id"]][1], **r} for r in recorded], since)
         metrics.DELIVERIES_RECORDED.inc(len(recorded))
         return known
 
