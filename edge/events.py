@@ -36,12 +36,9 @@ routes = web.RouteTableDef()
 # What contracts/ids.py makes; anything else is found nowhere, without a lookup.
 EVENT_ID = re.compile(r"evt_[0-9A-Za-z]{24}")
 
-# FILTER rather than a WHERE on the state: the planner then reads the event's few deliveries by
-# webhook_deliveries_event, never the index of every pending delivery.
 PENDING_WEBHOOKS = """
-(SELECT count(*) FILTER (WHERE d.state = 'pending' AND w.deleted_at IS NULL)
- FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
- WHERE d.event_id = e.id)
+(SELECT count(*) FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
+ WHERE d.event_id = e.id AND d.state = 'pending' AND w.deleted_at IS NULL)
 """
 SELECT_EVENTS = f"""
 SELECT e.*, {PENDING_WEBHOOKS} AS pending_webhooks FROM events e WHERE e.account_id = $1
