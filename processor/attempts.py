@@ -226,7 +226,7 @@ class AttemptRunner:
             await self._pool.execute(self.sql.retry_later, attempt_id, 1.0)
             return
         await self._reported(attempt_id)
-        log.info("psp result reported", extra={"ids": {"succeeded": result.succeeded}})
+        log.info("psp result reported", extra={"ids": {"outcome": self._outcome(result)}})
 
     def _first_try(self, attempt: Any) -> int:
         """The number of this claim's first try: the tries of every claim count."""

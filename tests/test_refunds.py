@@ -75,7 +75,7 @@ async def event_types(api: Client, object_id: str) -> list[str]:
     return [r["type"] for r in rows]
 
 
-async def test_full_refund_of_an_intent(api: Client) -> None:
+async def test_full_refund_of_an_intent(api: Client, caplog: pytest.LogCaptureFixture) -> None:
     intent = await paid(api, 2000)
     accepted = await refund(api, payment_intent=intent["id"], reason="requested_by_customer",
                             metadata={"ticket": "T-1"})
@@ -94,6 +94,8 @@ async def test_full_refund_of_an_intent(api: Client) -> None:
     assert {k: done[k] for k in ("amount", "charge", "created", "metadata", "reason")} == \
         {k: body[k] for k in ("amount", "charge", "created", "metadata", "reason")}
     assert "failure_reason" not in done
+    # Its PSP answer was reported in one go, not resumed by the sweeper after an error.
+    assert not [r for r in caplog.records if r.getMessage().startswith("attempt interrupted")]
     charge = await charge_of(api, intent["id"])
     assert charge["amount_refunded"] == 2000
     assert charge["refunded"] is True
