@@ -39,64 +39,14 @@ from processor.psp import PSP, PSPRejected, PSPResult, PSPUnavailable
 
 log = logging.getLogger(__name__)
 
-# Claims, results and reports of attempts running at the same time go to Postgres together,
-# one statement each (processor/batches.py, Coalescer); each attempt still sees its own row.
-CLAIM = """
-UPDATE payment_attempts
-SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
-WHERE id = ANY($1::text[]) AND state = 'pending' AND next_try_at <= now()
-  AND (locked_until IS NULL OR locked_until < now())
-RETURNING *
-"""
-RENEW = """
-UPDATE payment_attempts
-SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
-WHERE id = $1
-"""
-# A concurrent runner may have stored a result first: the stored one is kept and returned.
-STORE_RESULT = """
-UPDATE payment_attempts a SET result = COALESCE(a.result, u.r), updated_at = now()
-FROM unnest($1::text[], $2::jsonb[]) AS u(i, r)
-WHERE a.id = u.i
-RETURNING a.id, a.result
-"""
-REPORTED = """
-UPDATE payment_attempts SET state = 'reported', locked_until = NULL, updated_at = now()
-WHERE id = ANY($1::text[]) AND state = 'pending'
-"""
-RETRY_LATER = """
-UPDATE payment_attempts
-SET locked_until = NULL, next_try_at = now() + make_interval(secs => $2), updated_at = now()
-WHERE id = $1
-"""
-RELEASE = "UPDATE payment_attempts SET locked_until = NULL WHERE id = $1 AND state = 'pending'"
-REREPORT = """
-UPDATE payment_attempts
-SET state = 'pending', reports = reports + 1, locked_until = NULL, next_try_at = now(),
-    updated_at = now()
-WHERE id IN (
-    SELECT id FROM payment_attempts
-    WHERE commands_exchange = $1 AND state = 'reported' AND reports < $2
-      AND updated_at < now() - make_interval(secs => $3 * power(2, reports))
-    LIMIT $4
-    FOR UPDATE SKIP LOCKED)
-RETURNING id
-"""
 # Starts of commands that were dead-lettered by the broker, or never came back.
 FORGET_OLD_STARTS = "DELETE FROM command_starts WHERE last_at < now() - interval '1 day'"
-DUE = """
-SELECT id FROM payment_attempts
-WHERE commands_exchange = $2 AND state = 'pending' AND next_try_at <= now()
-  AND (locked_until IS NULL OR locked_until < now())
-ORDER BY next_try_at
-LIMIT $1
-"""
 
 
 @dataclass(frozen=True, slots=True)
 class LeaseSQL:
     """The statements of the lease protocol for one table of PSP work (this module's
-    docstring); processor/psp_tasks.py runs its tasks with the same protocol on its own."""
+    docstring): payment_attempts here, psp_tasks and refunds in their own modules."""
 
     claim: str
     renew: str
@@ -107,9 +57,82 @@ class LeaseSQL:
     rereport: str
     due: str
 
+    @classmethod
+    def for_table(cls, table: str, state: str = "state", *, renew_counts_a_try: bool = True,
+                  reported_if: str = "") -> LeaseSQL:
+        """The statements for `table`, whose `state` column reads pending, reported or
+        settled. `renew_counts_a_try`: a renewed lease counts as one more try. `reported_if`:
+        a further condition for marking a row reported.
 
-ATTEMPTS_SQL = LeaseSQL(CLAIM, RENEW, STORE_RESULT, REPORTED, RETRY_LATER, RELEASE, REREPORT,
-                        DUE)
+        Claims, results and reports of rows running at the same time go to Postgres together,
+        one statement each (processor/batches.py, Coalescer), and a batch of commands settles
+        many rows in one statement (processor/batches.py, processor/lifecycle.py). Every
+        statement that may wait on several rows locks them in id order (`ordered`): in any
+        other order two of them can each hold a row the other waits for, a deadlock that
+        PostgreSQL breaks by failing one after a second."""
+        tries = ", tries = tries + 1" if renew_counts_a_try else ""
+        pending = f"{state} = 'pending'"
+        return cls(
+            claim=f"""
+UPDATE {table}
+SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
+WHERE id IN ({ordered(table, f"{pending} AND next_try_at <= now() "
+                            "AND (locked_until IS NULL OR locked_until < now())")})
+RETURNING *
+""",
+            renew=f"""
+UPDATE {table} SET locked_until = now() + make_interval(secs => $2){tries}, updated_at = now()
+WHERE id = $1
+""",
+            # A concurrent runner may have stored a result first: the stored one is kept and
+            # returned.
+            store_result=f"""
+UPDATE {table} t SET result = COALESCE(t.result, u.r), updated_at = now()
+FROM unnest($1::text[], $2::jsonb[]) AS u(i, r)
+WHERE t.id = u.i AND t.id IN ({ordered(table)})
+RETURNING t.id, t.result
+""",
+            reported=f"""
+UPDATE {table} SET {state} = 'reported', locked_until = NULL, updated_at = now()
+WHERE id IN ({ordered(table, f"{pending} AND {reported_if}" if reported_if else pending)})
+""",
+            retry_later=f"""
+UPDATE {table}
+SET locked_until = NULL, next_try_at = now() + make_interval(secs => $2), updated_at = now()
+WHERE id = $1
+""",
+            release=f"UPDATE {table} SET locked_until = NULL WHERE id = $1 AND {pending}",
+            # SKIP LOCKED: a sweep never waits, so it needs no order.
+            rereport=f"""
+UPDATE {table}
+SET {state} = 'pending', reports = reports + 1, locked_until = NULL, next_try_at = now(),
+    updated_at = now()
+WHERE id IN (
+    SELECT id FROM {table}
+    WHERE commands_exchange = $1 AND {state} = 'reported' AND reports < $2
+      AND updated_at < now() - make_interval(secs => $3 * power(2, reports))
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED)
+RETURNING id
+""",
+            due=f"""
+SELECT id FROM {table}
+WHERE commands_exchange = $2 AND {pending} AND next_try_at <= now()
+  AND (locked_until IS NULL OR locked_until < now())
+ORDER BY next_try_at
+LIMIT $1
+""")
+
+
+def ordered(table: str, condition: str = "") -> str:
+    """The rows of `table` whose ids are in $1 (and that meet `condition`), locked in id
+    order: for `WHERE id IN (...)` of a statement that changes several rows."""
+    where = f" AND {condition}" if condition else ""
+    return (f"SELECT id FROM {table} WHERE id = ANY($1::text[]){where} "
+            "ORDER BY id FOR UPDATE")
+
+
+ATTEMPTS_SQL = LeaseSQL.for_table("payment_attempts")
 
 # Retries with the same key inside one claim, spaced by 0.2 s doubling to what the lease
 # leaves after a call (Settings.psp_max_pause_s).

@@ -51,9 +51,11 @@ log = logging.getLogger(__name__)
 CLIENT_COMMANDS = (UpdateIntent, CancelIntent, CaptureIntent)
 SYSTEM_COMMANDS = (ExpireAuthorization, ApplyTaskResult)
 
+# Locked in id order, as the runners' statements lock them (processor/attempts.py, ordered).
 SETTLE_TASKS = """
 UPDATE psp_tasks SET state = 'settled', updated_at = now()
-WHERE id = ANY($1::text[]) AND state <> 'settled'
+WHERE id IN (SELECT id FROM psp_tasks WHERE id = ANY($1::text[]) AND state <> 'settled'
+             ORDER BY id FOR UPDATE)
 RETURNING *
 """
 LOCK_CHARGES = """

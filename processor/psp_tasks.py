@@ -38,55 +38,7 @@ from processor.psp import PSPResult, PSPUnavailable
 
 log = logging.getLogger(__name__)
 
-TASKS_SQL = LeaseSQL(
-    claim="""
-UPDATE psp_tasks
-SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
-WHERE id = ANY($1::text[]) AND state = 'pending' AND next_try_at <= now()
-  AND (locked_until IS NULL OR locked_until < now())
-RETURNING *
-""",
-    renew="""
-UPDATE psp_tasks
-SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
-WHERE id = $1
-""",
-    store_result="""
-UPDATE psp_tasks t SET result = COALESCE(t.result, u.r), updated_at = now()
-FROM unnest($1::text[], $2::jsonb[]) AS u(i, r)
-WHERE t.id = u.i
-RETURNING t.id, t.result
-""",
-    reported="""
-UPDATE psp_tasks SET state = 'reported', locked_until = NULL, updated_at = now()
-WHERE id = ANY($1::text[]) AND state = 'pending'
-""",
-    retry_later="""
-UPDATE psp_tasks
-SET locked_until = NULL, next_try_at = now() + make_interval(secs => $2), updated_at = now()
-WHERE id = $1
-""",
-    release="UPDATE psp_tasks SET locked_until = NULL WHERE id = $1 AND state = 'pending'",
-    rereport="""
-UPDATE psp_tasks
-SET state = 'pending', reports = reports + 1, locked_until = NULL, next_try_at = now(),
-    updated_at = now()
-WHERE id IN (
-    SELECT id FROM psp_tasks
-    WHERE commands_exchange = $1 AND state = 'reported' AND reports < $2
-      AND updated_at < now() - make_interval(secs => $3 * power(2, reports))
-    LIMIT $4
-    FOR UPDATE SKIP LOCKED)
-RETURNING id
-""",
-    due="""
-SELECT id FROM psp_tasks
-WHERE commands_exchange = $2 AND state = 'pending' AND next_try_at <= now()
-  AND (locked_until IS NULL OR locked_until < now())
-ORDER BY next_try_at
-LIMIT $1
-""",
-)
+TASKS_SQL = LeaseSQL.for_table("psp_tasks")
 # Held authorizations are checked for expiry at least this often (see TaskRunner.sweep).
 EXPIRY_CHECK_MAX_S = 60.0
 # Authorizations held longer than the capture window, of this deployment's intents.

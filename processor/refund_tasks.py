@@ -33,57 +33,11 @@ from processor.psp import PSPRefundResult
 
 log = logging.getLogger(__name__)
 
-REFUNDS_SQL = LeaseSQL(
-    claim="""
-UPDATE refunds
-SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
-WHERE id = ANY($1::text[]) AND task = 'pending' AND next_try_at <= now()
-  AND (locked_until IS NULL OR locked_until < now())
-RETURNING *
-""",
-    renew="""
-UPDATE refunds SET locked_until = now() + make_interval(secs => $2), updated_at = now()
-WHERE id = $1
-""",
-    # A concurrent runner may have stored an answer first: the stored one is kept and returned.
-    store_result="""
-UPDATE refunds r SET result = COALESCE(r.result, u.r), updated_at = now()
-FROM unnest($1::text[], $2::jsonb[]) AS u(i, r)
-WHERE r.id = u.i
-RETURNING r.id, r.result
-""",
+REFUNDS_SQL = LeaseSQL.for_table(
+    "refunds", "task", renew_counts_a_try=False,
     # Only while the answer is still there: its command may have been applied already, and
     # have settled the task or made it due again (result NULL) for the next question.
-    reported="""
-UPDATE refunds SET task = 'reported', locked_until = NULL, updated_at = now()
-WHERE id = ANY($1::text[]) AND task = 'pending' AND result IS NOT NULL
-""",
-    retry_later="""
-UPDATE refunds
-SET locked_until = NULL, next_try_at = now() + make_interval(secs => $2), updated_at = now()
-WHERE id = $1
-""",
-    release="UPDATE refunds SET locked_until = NULL WHERE id = $1 AND task = 'pending'",
-    rereport="""
-UPDATE refunds
-SET task = 'pending', reports = reports + 1, locked_until = NULL, next_try_at = now(),
-    updated_at = now()
-WHERE id IN (
-    SELECT id FROM refunds
-    WHERE commands_exchange = $1 AND task = 'reported' AND reports < $2
-      AND updated_at < now() - make_interval(secs => $3 * power(2, reports))
-    LIMIT $4
-    FOR UPDATE SKIP LOCKED)
-RETURNING id
-""",
-    due="""
-SELECT id FROM refunds
-WHERE commands_exchange = $2 AND task = 'pending' AND next_try_at <= now()
-  AND (locked_until IS NULL OR locked_until < now())
-ORDER BY next_try_at
-LIMIT $1
-""",
-)
+    reported_if="result IS NOT NULL")
 
 REFUND_PREFIX = "re_"
 
