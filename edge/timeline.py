@@ -33,6 +33,7 @@ async def intent_timeline(request: web.Request) -> web.Response:
         reading = await intents.read_intent(request, intent_id)
         if isinstance(reading.answer, PayonceError):
             raise reading.answer
-        entries = await timeline.gather(request.app[DB], intent_id)
+        async with request.app[DB].acquire() as conn:
+            entries = await timeline.gather(conn, intent_id)
         data = [objects.timeline_entry(e.type, e.at, e.fields) for e in entries]
         return json_response(lists.envelope(url(intent_id), data, False))

@@ -97,25 +97,27 @@ class Entry:
         return self.at, _RANK[self.type], self.seq
 
 
-async def gather(db: Any, intent_id: str) -> list[Entry]:
+async def gather(conn: Any, intent_id: str) -> list[Entry]:
     """Everything the database knows of the intent, in order; empty when it knows nothing.
-    `db` is a connection or a pool; scoping to an account is the caller's (the edge reads
+    Read from one snapshot, so no entry is missing its cause or its effect for having been
+    committed between two of the reads. Scoping to an account is the caller's (the edge reads
     the intent with its account first)."""
-    entries = [_command(r) for r in await db.fetch(COMMANDS, intent_id)]
-    for a in await db.fetch(ATTEMPTS, intent_id):
-        entries.extend(_attempt(a))
-    for t in await db.fetch(TASKS, intent_id):
-        entries.extend(_task(t))
-    for r in await db.fetch(REFUNDS, intent_id):
-        entries.extend(_refund(r))
-    events = list(await db.fetch(EVENTS, intent_id))
-    for e in events:
-        entries.extend(_event(e, intent_id))
-    for d in await db.fetch(DELIVERIES, [e["id"] for e in events]):
-        entries.append(Entry(d["at"], "webhook_attempt", {
-            "event": d["event_id"], "webhook_endpoint": d["endpoint_id"],
-            "attempt": d["attempt"], "status_code": d["status_code"], "error": d["error"],
-            "latency_ms": d["latency_ms"]}))
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        entries = [_command(r) for r in await conn.fetch(COMMANDS, intent_id)]
+        for a in await conn.fetch(ATTEMPTS, intent_id):
+            entries.extend(_attempt(a))
+        for t in await conn.fetch(TASKS, intent_id):
+            entries.extend(_task(t))
+        for r in await conn.fetch(REFUNDS, intent_id):
+            entries.extend(_refund(r))
+        events = list(await conn.fetch(EVENTS, intent_id))
+        for e in events:
+            entries.extend(_event(e, intent_id))
+        for d in await conn.fetch(DELIVERIES, [e["id"] for e in events]):
+            entries.append(Entry(d["at"], "webhook_attempt", {
+                "event": d["event_id"], "webhook_endpoint": d["endpoint_id"],
+                "attempt": d["attempt"], "status_code": d["status_code"], "error": d["error"],
+                "latency_ms": d["latency_ms"]}))
     return sorted(entries, key=Entry.sort_key)
 
 
