@@ -476,6 +476,7 @@ class Deliverer:
         chains: slots may have gone while the claim ran)."""
         chain = self._chains[key]
         endpoint_id = key[0]
+        delivery_id = None
         try:
             while chain and not self._stopping:
                 taken = chain.popleft()
@@ -500,6 +501,11 @@ class Deliverer:
                     await self._give_back([t.row for t in chain])
                     chain.clear()
         finally:
+            # Cut off (the dispatcher stopping) before its settle came back: nobody waits.
+            if delivery_id is not None:
+                waiter = self._waiters.get(delivery_id)
+                if waiter is not None and not waiter.done():
+                    self._waiters.pop(delivery_id).cancel()
             self._unsent.extend(t.row for t in chain)
             del self._chains[key]
             if holding:
