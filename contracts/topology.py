@@ -7,6 +7,9 @@ time, with fail-over to a standby processor.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +18,8 @@ import aio_pika
 from pamqp.commands import Basic
 
 from contracts.commands import Command
+
+log = logging.getLogger(__name__)
 
 # Quorum queues count every return of a message as a delivery, also the returns of all the
 # messages a consumer held when its channel closed (a broker restart, a processor killed with
@@ -226,19 +231,43 @@ class PublishFailed(Exception):
 
 
 class CommandPublisher:
-    """Publishes commands to their intent's partition and waits for the broker's confirm."""
+    """Publishes commands to their intent's partition and waits for the broker's confirm.
+
+    Given its `connection`, it opens a new channel when its own is closed while the connection
+    is up: a robust channel is meant to come back by itself after a reconnect, and sometimes
+    does not, which would leave the process unable to publish for good."""
 
     def __init__(
-        self, channel: aio_pika.abc.AbstractChannel, topology: Topology, timeout_s: float
+        self, channel: aio_pika.abc.AbstractChannel, topology: Topology, timeout_s: float,
+        connection: aio_pika.abc.AbstractRobustConnection | None = None,
     ) -> None:
         self._channel = channel
         self._topology = topology
         self._timeout_s = timeout_s
+        self._connection = connection
+        self._reopening = asyncio.Lock()
         self._exchange: aio_pika.abc.AbstractExchange | None = None
 
     @property
     def ready(self) -> bool:
         return not self._channel.is_closed
+
+    async def _reopen(self) -> None:
+        """A new channel, if the old one is closed and the connection is up; once for every
+        publish that found it closed at the same time."""
+        if self._connection is None or not self._connection.connected.is_set():
+            return
+        async with self._reopening:
+            if not self._channel.is_closed:
+                return
+            async with asyncio.timeout(self._timeout_s):
+                channel = await self._connection.channel(publisher_confirms=True)
+            log.warning("publisher channel closed; a new one is open")
+            old, self._channel, self._exchange = self._channel, channel, None
+            # Closed on purpose, so it is not brought back beside the new one.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._timeout_s):
+                    await old.close()
 
     async def publish(self, command: Command, *, timeout_s: float | None = None) -> None:
         message = aio_pika.Message(
@@ -251,6 +280,8 @@ class CommandPublisher:
             headers={"intent_id": command.intent_id, "account_id": command.account_id},
         )
         try:
+            if self._channel.is_closed:
+                await self._reopen()
             if self._channel.is_closed:
                 raise aio_pika.exceptions.ChannelInvalidStateError("closed")
             if self._exchange is None:

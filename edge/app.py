@@ -211,7 +211,7 @@ async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
     channel = await connection.channel(publisher_confirms=True)
     await declare(channel, topology)
     app[AMQP] = connection
-    app[PUBLISHER] = CommandPublisher(channel, topology, settings.publish_timeout_s)
+    app[PUBLISHER] = CommandPublisher(channel, topology, settings.publish_timeout_s, connection)
     yield
     await connection.close()
 

@@ -116,7 +116,10 @@ class OutboxRelay:
         """The relay's body: returns or raises only when it must start over."""
         conn = await connect(self._database_url, timeout_s=self._timeout_s)
         try:
-            channel = await self._amqp.channel(publisher_confirms=True)
+            # Bounded, as every call to the broker here: a channel opened while the connection
+            # comes back can wait for ever, and the loop would stall instead of starting over.
+            async with asyncio.timeout(self._timeout_s):
+                channel = await self._amqp.channel(publisher_confirms=True)
         except BaseException:
             await conn.close(timeout=self._timeout_s)
             raise
@@ -129,8 +132,9 @@ class OutboxRelay:
                 loop.beat()
                 await self._idle()
             # A queue deleted by an operator is declared again, so events are never unrouted.
-            await declare_events(channel, self._topology)
-            exchange = await channel.get_exchange(self._topology.events)
+            async with asyncio.timeout(self._timeout_s):
+                await declare_events(channel, self._topology)
+                exchange = await channel.get_exchange(self._topology.events)
             while True:
                 if len(in_flight) < IN_FLIGHT:
                     sent = [seq for rows, _ in in_flight for seq in (r["seq"] for r in rows)]

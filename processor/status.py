@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 PREFETCH = 256
 # An idle consumer shows it is alive this often (and notices a channel the broker closed).
 IDLE_S = 1.0
-CLOSE_TIMEOUT_S = 5.0
+BROKER_TIMEOUT_S = 5.0
 
 
 class StatusFanout:
@@ -55,14 +55,18 @@ class StatusFanout:
 
     async def run(self, loop: Loop) -> None:
         """The fan-out's body: returns or raises only when it must start over."""
-        channel = await self._amqp.channel()
+        channel: aio_pika.abc.AbstractChannel | None = None
+        delivered: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
         try:
-            await channel.set_qos(prefetch_count=PREFETCH)
-            # A queue deleted by an operator comes back with its binding.
-            await declare_events(channel, self._topology)
-            queue = await channel.get_queue(self._topology.status)
-            delivered: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
-            await queue.consume(delivered.put)
+            # Bounded, as every call to the broker here: a channel opened while the connection
+            # comes back can wait for ever, and the loop would stall instead of starting over.
+            async with asyncio.timeout(BROKER_TIMEOUT_S):
+                channel = await self._amqp.channel()
+                await channel.set_qos(prefetch_count=PREFETCH)
+                # A queue deleted by an operator comes back with its binding.
+                await declare_events(channel, self._topology)
+                queue = await channel.get_queue(self._topology.status)
+                await queue.consume(delivered.put)
             while True:
                 try:
                     async with asyncio.timeout(IDLE_S):
@@ -76,14 +80,16 @@ class StatusFanout:
                 while not delivered.empty() and len(batch) < PREFETCH:
                     batch.append(delivered.get_nowait())
                 await self._publish(batch)
-                await batch[-1].ack(multiple=True)
+                async with asyncio.timeout(BROKER_TIMEOUT_S):
+                    await batch[-1].ack(multiple=True)
                 loop.beat()
         finally:
-            try:
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await channel.close()
-            except Exception as exc:
-                log.debug("close failed", extra={"ids": {"error": repr(exc)}})
+            if channel is not None:
+                try:
+                    async with asyncio.timeout(BROKER_TIMEOUT_S):
+                        await channel.close()
+                except Exception as exc:
+                    log.debug("close failed", extra={"ids": {"error": repr(exc)}})
 
     async def _publish(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:

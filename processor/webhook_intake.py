@@ -120,7 +120,7 @@ class Intake:
 
     async def run(self, loop: Loop) -> None:
         """The intake's body (ops.loops.Loop): consume until the channel closes."""
-        channel = await self._amqp.channel()
+        channel: aio_pika.abc.AbstractChannel | None = None
         self._acks = Acks()
         inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
 
@@ -128,11 +128,15 @@ class Intake:
             inbox.put_nowait(message)
 
         try:
-            await channel.set_qos(prefetch_count=PREFETCH)
-            # Declared again here, so a queue deleted by an operator comes back.
-            await declare_events(channel, self._topology)
-            queue = await channel.get_queue(self._topology.webhooks)
-            await queue.consume(take)
+            # Bounded: a channel opened while the connection comes back can wait for ever, and
+            # the loop would stall instead of starting over.
+            async with asyncio.timeout(ACK_TIMEOUT_S):
+                channel = await self._amqp.channel()
+                await channel.set_qos(prefetch_count=PREFETCH)
+                # Declared again here, so a queue deleted by an operator comes back.
+                await declare_events(channel, self._topology)
+                queue = await channel.get_queue(self._topology.webhooks)
+                await queue.consume(take)
             while True:
                 batch = await _collect(inbox)
                 if channel.is_closed:
@@ -141,11 +145,12 @@ class Intake:
                     await self._take(batch)
                 loop.beat()
         finally:
-            try:
-                async with asyncio.timeout(ACK_TIMEOUT_S):
-                    await channel.close()
-            except Exception as exc:
-                log.debug("close failed", extra={"ids": {"error": repr(exc)}})
+            if channel is not None:
+                try:
+                    async with asyncio.timeout(ACK_TIMEOUT_S):
+                        await channel.close()
+                except Exception as exc:
+                    log.debug("close failed", extra={"ids": {"error": repr(exc)}})
 
     async def _take(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
         """Collected → recorded in one transaction → acked."""

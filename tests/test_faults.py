@@ -144,6 +144,8 @@ class ReadyWatch:
         self.urls = urls
         self.seen: dict[str, Counter[int]] = {name: Counter() for name in urls}
         self.last: dict[str, int] = {}
+        # The last answer of each, for a failure to show which check failed.
+        self.said: dict[str, str] = {}
 
     async def run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
@@ -152,8 +154,10 @@ class ReadyWatch:
                     try:
                         async with session.get(url) as resp:
                             status = resp.status
-                    except (aiohttp.ClientError, TimeoutError):
+                            self.said[name] = await resp.text()
+                    except (aiohttp.ClientError, TimeoutError) as exc:
                         status = 0
+                        self.said[name] = repr(exc)
                     self.seen[name][status] += 1
                     self.last[name] = status
                 await asyncio.sleep(0.2)
@@ -162,9 +166,12 @@ class ReadyWatch:
         self.seen = {name: Counter() for name in self.urls}
 
     async def green(self, within_s: float = 60.0) -> None:
-        async with asyncio.timeout(within_s):
-            while any(self.last.get(name) != 200 for name in self.urls):
-                await asyncio.sleep(0.1)
+        try:
+            async with asyncio.timeout(within_s):
+                while any(self.last.get(name) != 200 for name in self.urls):
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise AssertionError(f"not ready after {within_s} s: {self.said}") from None
 
     def was_red(self) -> None:
         for name, statuses in self.seen.items():

@@ -12,10 +12,11 @@ import aio_pika
 import aiohttp
 import orjson
 
-from contracts.topology import Topology, declare, delete
+from contracts.topology import CommandPublisher, Topology, declare, delete
 from ops.definitions import render
 from ops.settings import Settings
 from tests.conftest import make_settings
+from tests.test_poison import create_command
 
 COMMITTED = Path(__file__).resolve().parent.parent / "ops" / "rabbitmq" / "definitions.json"
 # Where ops/services.sh turns the management plugin on for a local broker.
@@ -65,3 +66,26 @@ async def test_what_payonce_declares_is_its_definitions(migrated: None) -> None:
             return sorted(orjson.dumps({f: i[f] for f in fields},
                                         option=orjson.OPT_SORT_KEYS) for i in items)
         assert shape(found[kind]) == shape(wanted[kind]), kind
+
+
+async def test_a_publisher_whose_channel_closed_opens_another_one() -> None:
+    """A robust channel may stay closed after the broker comes back: the publisher then opens
+    a new one on its connection instead of failing every publish from then on."""
+    settings = make_settings(partitions=1)
+    topology = Topology(settings.amqp_prefix, settings.partitions)
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        try:
+            await declare(channel, topology)
+            publisher = CommandPublisher(await connection.channel(publisher_confirms=True),
+                                         topology, 5.0, connection)
+            await publisher.publish(create_command(settings, "acct_" + "a" * 24))
+            # Closed for good: a channel its own side closed is never brought back.
+            await publisher._channel.close()
+            assert not publisher.ready
+            # Confirmed and routed (mandatory), or it raises.
+            await publisher.publish(create_command(settings, "acct_" + "b" * 24))
+            assert publisher.ready
+        finally:
+            await delete(channel, topology)
