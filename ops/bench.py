@@ -110,12 +110,33 @@ def _cpu_of(pids: list[int]) -> float:
     return total
 
 
+def _with_children(pid: int) -> list[int]:
+    """The process and its children: a supervisor's workers (`--workers N`) count as its
+    own."""
+    found = [pid]
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def _peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    """The highest peak RSS of the process and its children."""
+    peak = 0.0
+    for one in _with_children(pid):
+        try:
+            with open(f"/proc/{one}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) / 1024)
+        except OSError:
+            continue
+    return peak
 
 
 class CPUMeter:
@@ -128,7 +149,7 @@ class CPUMeter:
         self.start = self._read()
 
     def _read(self) -> dict[str, float]:
-        readings = {role: _cpu_of([pid]) for role, pid in self.payonce.items()}
+        readings = {role: _cpu_of(_with_children(pid)) for role, pid in self.payonce.items()}
         readings.update({name: _cpu_of(pids) for name, pids in _service_pids().items()})
         return readings
 
@@ -339,10 +360,12 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str,
     deliver_s = max(delivered.values()) - min(events.values())
     deliver_rate = len(delivered) / deliver_s
     cpu = _cpu()
+    workers = (f" (the processor as {settings.processor_workers} workers)"
+               if settings.processor_workers > 1 else "")
     print(f"""
 payonce benchmark: {n} payments, {concurrency} concurrent clients, PSP latency {latency} ms
 machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, one process each of
-{", ".join(roles)}, PostgreSQL/Redis/RabbitMQ on the same machine
+{", ".join(roles)}{workers}, PostgreSQL/Redis/RabbitMQ on the same machine
 
 | what | rate | latency |
 |---|---|---|

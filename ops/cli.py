@@ -174,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     edge.add_argument("--host", help="listen address (default PAYONCE_EDGE_HOST, 0.0.0.0)")
     edge.add_argument("--workers", type=int,
                       help="edge processes sharing the port (default PAYONCE_EDGE_WORKERS, 1)")
-    sub.add_parser("processor", help="run the processor (consumers, PSP attempts, outbox)")
+    processor = sub.add_parser("processor",
+                               help="run the processor (consumers, PSP attempts, outbox)")
+    processor.add_argument("--workers", type=int,
+                           help="processor processes sharing the partitions (default "
+                                "PAYONCE_PROCESSOR_WORKERS, 1)")
     sub.add_parser("dispatcher", help="run the webhook dispatcher (deliveries and retries)")
     sub.add_parser("relay", help="run the outbox relay alone (with PAYONCE_PROCESSOR_RELAY="
                                  "false on the processors)")
@@ -230,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "host", None):
             settings = settings.with_(edge_host=args.host)
         if getattr(args, "workers", None) is not None:
-            settings = settings.with_(edge_workers=args.workers)
+            workers_of = "edge_workers" if args.command == "edge" else "processor_workers"
+            settings = settings.with_(**{workers_of: args.workers})
         # A developer at a terminal reads text; everything else gets JSON lines.
         human = args.command in ("dev", "listen") and "PAYONCE_LOG_FORMAT" not in os.environ
         logs.setup("text" if human else settings.log_format, settings.log_level)
@@ -239,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
             passed = [a for flag, value in (("--host", args.host), ("--port", args.port))
                       if value for a in (flag, str(value))]
             return workers.supervise(settings.edge_workers, passed)
+        # `--workers N` starts N workers here, and so does PAYONCE_PROCESSOR_WORKERS unless
+        # PAYONCE_PROCESSOR_WORKER says which one of them this process is.
+        if args.command == "processor" and settings.processor_workers > 1 and (
+                args.workers is not None or not os.environ.get("PAYONCE_PROCESSOR_WORKER")):
+            settings.secret_bytes  # noqa: B018  (a clear error before anything starts)
+            return workers.supervise(settings.processor_workers, [], "processor")
         if args.command in ("edge", "processor", "dispatcher", "relay"):
             settings.secret_bytes  # noqa: B018  (a clear error before anything starts)
             asyncio.run(serve(settings, edge=args.command == "edge",

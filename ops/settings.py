@@ -38,6 +38,12 @@ class Settings:
     edge_reuse_port: bool = False
     processor_host: str = "0.0.0.0"
     processor_metrics_port: int = 9101
+    # Processor processes (`payonce processor --workers N`, ops/workers.py), and which one of
+    # them this is (set by the supervisor): worker i is first to consume the partitions p with
+    # p % N == i, and a standby for the others. Each serves /metrics and /ready on
+    # processor_metrics_port + i.
+    processor_workers: int = 1
+    processor_worker: int = 0
     log_format: str = "json"
     log_level: str = "INFO"
 
@@ -158,6 +164,10 @@ class Settings:
         low, high = self.psp_latency_ms
         if not 0 <= low <= high:
             raise SettingsError("PAYONCE_PSP_LATENCY_MS must be 'LOW-HIGH' with 0 <= LOW <= HIGH")
+        if not 0 <= self.processor_worker < self.processor_workers <= self.partitions:
+            raise SettingsError("PAYONCE_PROCESSOR_WORKERS must be from 1 to PAYONCE_PARTITIONS "
+                                "(each worker is first on a partition of its own), and "
+                                "PAYONCE_PROCESSOR_WORKER from 0 to one less")
         for name in ("partitions", "edge_workers", "prefetch", "psp_concurrency",
                      "psp_max_tries", "idempotency_ttl_s", "pending_ttl_s", "max_body_bytes",
                      "longpoll_max_waiters", "psp_crypto_confirmations"):

@@ -1,6 +1,12 @@
 """The processor process: partition consumers, PSP attempts and tasks, and background loops
 (the attempt sweeper, the PSP task sweeper, the dead-letter watcher and, unless `payonce relay`
-runs it apart, the outbox relay), plus `/health`, `/ready` and `/metrics` on their own port."""
+runs it apart, the outbox relay), plus `/health`, `/ready` and `/metrics` on their own port.
+
+Every processor consumes every partition queue; the broker gives each queue to one consumer
+at a time (single active consumer) and keeps the others as standbys. One of several workers
+(`payonce processor --workers N`, ops/workers.py) attaches to its own share of the partitions
+first and to the rest a little later, so each queue's active consumer is the worker it belongs
+to, while every worker stays a standby for the others."""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -34,6 +41,9 @@ from processor.status import StatusFanout
 log = logging.getLogger(__name__)
 
 QUEUE_FOR_CONNECTION_S = 60.0
+# A worker attaches to the other workers' partitions this long after its own: time for them
+# to start and be first on theirs.
+STANDBY_AFTER_S = 5.0
 CLOSE_TIMEOUT_S = 5.0
 # Far longer than any PSP call with its retries, far shorter than a person would wait.
 STUCK_AFTER_S = 300
@@ -43,10 +53,19 @@ WHERE status = 'processing' AND updated_at < now() - make_interval(secs => $1)
 """
 
 
+def share(settings: Settings) -> tuple[list[int], list[int]]:
+    """(the partitions this processor consumes first, those it stands by for): with
+    `processor_workers` N, worker i is first on every partition p with p % N == i."""
+    workers, me = settings.processor_workers, settings.processor_worker
+    own = [p for p in range(settings.partitions) if p % workers == me]
+    return own, [p for p in range(settings.partitions) if p % workers != me]
+
+
 class Processor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._consumers: list[PartitionConsumer] = []
+        self._standby: asyncio.Task[None] | None = None
         self._loops: list[Loop] = []
         self._closers: list[Any] = []
         self._runner: web.AppRunner | None = None
@@ -69,13 +88,15 @@ class Processor:
         self._closers.append(psp_pool.close)
         redis = redis_client(s)
         self._closers.append(redis.aclose)
+        name = "payonce-processor" if s.processor_workers == 1 else \
+            f"payonce-processor-{s.processor_worker}"
         connection = await aio_pika.connect_robust(
-            s.amqp_url, client_properties={"connection_name": "payonce-processor"})
+            s.amqp_url, client_properties={"connection_name": name})
         self._closers.append(connection.close)
         channel = await connection.channel(publisher_confirms=True)
         await declare(channel, topology)
         self._monitor = await connection.channel()
-        publisher = CommandPublisher(channel, topology, s.publish_timeout_s)
+        publisher = CommandPublisher(channel, topology, s.publish_timeout_s, connection)
 
         self._pool: Database = pool
         self._redis, self._amqp = redis, connection
@@ -92,13 +113,24 @@ class Processor:
         intents = Intents(pool, s.secret_bytes, topology)
         pending = PendingCommands(redis, ttl_s=s.pending_ttl_s, notify_deployment=s.amqp_prefix)
         gate = Gate()
-        for partition in range(s.partitions):
+
+        async def consume(partition: int) -> None:
             consumer = PartitionConsumer(
                 connection, topology, partition, intents, pending, kick,
                 s.prefetch, pool, gate, batch=lambda: Batch(s.secret_bytes, topology),
                 on_tasks=self.tasks.kick)
-            await consumer.start()
+            try:
+                await consumer.start()
+            except BaseException:
+                await consumer.stop(0.0)
+                raise
             self._consumers.append(consumer)
+
+        own, others = share(s)
+        for partition in own:
+            await consume(partition)
+        if others:
+            self._standby = asyncio.create_task(self._stand_by(others, consume))
         watcher = DeadLetterWatcher(connection, topology, pending)
         fanout = StatusFanout(connection, redis, topology, s.amqp_prefix)
         stale_s = stale_after_s(s)
@@ -118,9 +150,28 @@ class Processor:
         await self._serve_health()
         log.info("processor started", extra={"ids": {"partitions": s.partitions}})
 
+    async def _stand_by(self, partitions: list[int],
+                        consume: Callable[[int], Awaitable[None]]) -> None:
+        """Consumes the other workers' partitions too, once they had the time to be first:
+        the broker gives each queue to its first consumer and keeps the rest as standbys,
+        which take over at once when it goes."""
+        await asyncio.sleep(STANDBY_AFTER_S)
+        for partition in partitions:
+            while True:
+                try:
+                    await consume(partition)
+                    break
+                except Exception as exc:  # RabbitMQ away: its partitions have their own
+                    log.warning("could not stand by for a partition; trying again",
+                                extra={"ids": {"partition": partition, "error": repr(exc)}})
+                    await asyncio.sleep(STANDBY_AFTER_S)
+        log.info("standing by for the other workers' partitions",
+                 extra={"ids": {"partitions": partitions}})
+
     async def _serve_health(self) -> None:
         s = self.settings
-        self._runner = await serve(s.processor_host, s.processor_metrics_port, ready=self._ready,
+        port = s.processor_metrics_port + s.processor_worker if s.processor_metrics_port else 0
+        self._runner = await serve(s.processor_host, port, ready=self._ready,
                                    metrics=self._metrics)
         self.port = self._runner.addresses[0][1]
 
@@ -155,6 +206,9 @@ class Processor:
         then close. Whatever is cut off is redelivered or resumed, never lost."""
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         log.info("processor stopping")
+        if self._standby is not None:
+            self._standby.cancel()
+            await asyncio.gather(self._standby, return_exceptions=True)
         await asyncio.gather(*(c.stop(self.settings.shutdown_grace_s) for c in self._consumers))
         await asyncio.gather(self.attempts.stop(max(deadline - time.monotonic(), 1.0)),
                              self.tasks.stop(max(deadline - time.monotonic(), 1.0)),
