@@ -22,6 +22,15 @@ from tests.test_edge_workers import children, wait_children
 from tests.test_topology import MANAGEMENT_PORT
 
 
+def worker_of(pid: int) -> int:
+    """Which worker a process is, from the environment its supervisor gave it."""
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        for item in environ.read().split(b"\0"):
+            if item.startswith(b"PAYONCE_PROCESSOR_WORKER="):
+                return int(item.split(b"=", 1)[1])
+    raise AssertionError(f"{pid} is not a processor worker")
+
+
 def test_each_worker_is_first_on_its_own_share_of_the_partitions() -> None:
     settings = Settings(partitions=5, processor_workers=2)
     assert share(settings.with_(processor_worker=0)) == ([0, 2, 4], [1, 3])
@@ -78,9 +87,15 @@ async def test_workers_share_the_partitions_and_take_over_from_one_killed(
         supervisor.start()
         assert supervisor.popen is not None
         try:
-            workers = await wait_children(supervisor.popen.pid, 2)
+            workers = {worker_of(pid): pid
+                       for pid in await wait_children(supervisor.popen.pid, 2)}
             await wait_active(settings, {0: "payonce-processor-0", 1: "payonce-processor-1",
                                          2: "payonce-processor-0", 3: "payonce-processor-1"})
+            # Both stand by for the other's partitions by now.
+            deadline = time.monotonic() + 30
+            while supervisor.log().count("standing by for the other workers' partitions") < 2:
+                assert time.monotonic() < deadline, supervisor.log()[-2000:]
+                await asyncio.sleep(0.2)
 
             async def pay(count: int) -> None:
                 made = await asyncio.gather(*(
