@@ -87,10 +87,12 @@ async def test_workers_share_the_partitions_and_take_over_from_one_killed(
         supervisor.start()
         assert supervisor.popen is not None
         try:
-            workers = {worker_of(pid): pid
-                       for pid in await wait_children(supervisor.popen.pid, 2)}
+            pids = await wait_children(supervisor.popen.pid, 2)
             await wait_active(settings, {0: "payonce-processor-0", 1: "payonce-processor-1",
                                          2: "payonce-processor-0", 3: "payonce-processor-1"})
+            # Read once they run: between fork and exec a child has its parent's environment.
+            workers = {worker_of(pid): pid for pid in pids}
+            assert sorted(workers) == [0, 1], workers
             # Both stand by for the other's partitions by now.
             deadline = time.monotonic() + 30
             while supervisor.log().count("standing by for the other workers' partitions") < 2:
