@@ -65,8 +65,11 @@ async def active_consumers(settings: Settings) -> dict[int, str]:
                 tag = consumer.get("consumer_tag")
                 if consumer.get("activity_status") == "single_active" or (
                         consumer.get("active") and tag == info.get("single_active_consumer_tag")):
-                    connection = consumer["channel_details"]["connection_name"]
-                    found[partition] = names.get(connection) or connection
+                    details = consumer.get("channel_details")
+                    # An empty list while the broker has not filled in the channel yet.
+                    if isinstance(details, dict) and details.get("connection_name"):
+                        connection = details["connection_name"]
+                        found[partition] = names.get(connection) or connection
     return found
 
 
