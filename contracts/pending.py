@@ -32,16 +32,22 @@ import redis.asyncio as aioredis
 
 from contracts import status
 
-# Marks a `publishing` entry `queued`, only if it is still there (the processor may have applied
-# and removed it already: it must not come back).
-_CONFIRM = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return 0 end
-local at, object = string.match(raw, '^(%d+):%d+:(.*)$')
-if not at then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], at .. ':0:' .. object)
-return 1
+
+def confirm_lua(name: str, field: str) -> str:
+    """Lua that marks the `publishing` entry `field` of the hash `name` (Lua expressions, e.g.
+    KEYS[1] and ARGV[1]) `queued`, only if it is still there: the processor may have applied
+    and removed it already, and it must not come back. Also part of the edge's script that
+    stores a POST's answer (edge/idempotency.py), so both take one round trip."""
+    return f"""
+local raw = redis.call('HGET', {name}, {field})
+if raw then
+  local at, object = string.match(raw, '^(%d+):%d+:(.*)$')
+  if at then redis.call('HSET', {name}, {field}, at .. ':0:' .. object) end
+end
 """
+
+
+_CONFIRM = confirm_lua("KEYS[1]", "ARGV[1]")
 
 
 def redis_key(account_id: str, intent_id: str) -> str:

@@ -1,8 +1,9 @@
 """The accept pipeline every POST goes through: claim the Idempotency-Key, run the request
 once, publish its command with a broker confirm, store the answer for replays.
 
-    claim (Redis SET NX) -> inbox check (Postgres, when Redis forgot) -> project the object
-    -> pending marker -> publish + confirm -> finish (store the answer)
+    admit (a bound on POSTs at once) -> claim (Redis SET NX) -> inbox check (Postgres, when
+    Redis forgot) -> project the object -> pending marker -> publish + confirm -> finish
+    (store the answer and mark the pending marker queued, one round trip)
 
 Handlers (one module per resource) validate the parameters, compute the fingerprint and the
 projected object, and hand the command to `idempotent` and `accept`.
@@ -32,15 +33,18 @@ from contracts.errors import (
 )
 from contracts.topology import PublishFailed
 from edge import metrics
-from edge.idempotency import Claim, IdempotencyStore, mismatch
+from edge.idempotency import Claim, IdempotencyStore, Queued, mismatch
 from edge.keys import (
     ACCOUNT_ID,
+    ADMISSION,
+    ADMITTED,
     DB,
     DEADLINE,
     IDEMPOTENCY,
     PENDING,
     PUBLISHER,
     PUBLISHING,
+    QUEUED,
     SETTINGS,
 )
 from ops import failpoints
@@ -80,6 +84,17 @@ async def idempotent(
     `execute` gets `request_timeout_s` from the claim: the lock outlasts it, so a request
     never runs on after another has taken its key.
     """
+    admitted = request.app[ADMISSION].enter()
+    request[ADMITTED] = admitted
+    try:
+        return await _idempotent(request, key, fp, execute)
+    finally:
+        admitted.leave()
+
+
+async def _idempotent(
+    request: web.Request, key: str, fp: str, execute: Callable[[], Awaitable[Outcome]]
+) -> web.Response:
     store = request.app[IDEMPOTENCY]
     account_id = request[ACCOUNT_ID]
     try:
@@ -112,17 +127,19 @@ async def idempotent(
             await _park(store, claimed, fp)
             metrics.PUBLISHES.labels("any", "unknown").inc()
             raise outcome_unknown(exc) from exc
-        await _release(store, claimed)
+        await _release(request, store, claimed)
         raise unavailable("deadline", exc) from exc
     except OutcomeUnknown:
         await _park(store, claimed, fp)
         raise
     except BaseException:
-        await _release(store, claimed)
+        await _release(request, store, claimed)
         raise
     try:
-        await store.finish(claimed, fp, outcome.status, outcome.body)
+        await store.finish(claimed, fp, outcome.status, outcome.body, request.get(QUEUED))
     except RedisError:
+        # A queued command is applied whatever Redis says, and its 202 is the truth; until it
+        # is applied, reads may show the intent without it.
         metrics.DEPENDENCY_ERRORS.labels("redis").inc()
         log.warning("could not store the response; a retry is answered from Postgres")
     metrics.IDEMPOTENCY.labels("new").inc()
@@ -130,11 +147,18 @@ async def idempotent(
                         content_type="application/json", headers=outcome.headers)
 
 
-async def _release(store: IdempotencyStore, claimed: Claim) -> None:
+async def _release(request: web.Request, store: IdempotencyStore, claimed: Claim) -> None:
     try:
         await store.release(claimed)
     except RedisError:
         log.warning("could not release idempotency key; it frees itself when its lock expires")
+    queued = request.get(QUEUED)
+    if queued is not None:
+        # The request failed after its command was queued: the command stands.
+        try:
+            await request.app[PENDING].confirm(queued.account_id, queued.intent_id, queued.key)
+        except RedisError:
+            log.warning("could not confirm the pending marker of a queued command")
 
 
 async def _park(store: IdempotencyStore, claimed: Claim, fp: str) -> None:
@@ -192,6 +216,15 @@ async def accept(
 ) -> Outcome:
     """Record the command as pending, publish it and wait for RabbitMQ's confirm: a 202 is
     only ever answered for a command that is durably queued."""
+    try:
+        return await _accept(request, command, projected)
+    finally:
+        request[ADMITTED].leave()
+
+
+async def _accept(
+    request: web.Request, command: ClientCommand, projected: dict[str, Any]
+) -> Outcome:
     app = request.app
     pending = app[PENDING]
     account_id, intent_id, key = command.account_id, command.intent_id, command.idempotency_key
@@ -227,13 +260,8 @@ async def accept(
     request[PUBLISHING] = False
     metrics.PUBLISHES.labels(command.TYPE, "confirmed").inc()
     failpoints.hit("edge.after_publish")
-    try:
-        await pending.confirm(account_id, intent_id, key)
-    except RedisError:
-        # The command is queued and will be applied: a 202 is the truth. Until it is applied,
-        # reads show the intent without it.
-        metrics.DEPENDENCY_ERRORS.labels("redis").inc()
-        log.warning("could not confirm the pending marker of a queued command")
+    # The marker is confirmed with the stored answer, in one round trip (`idempotent`).
+    request[QUEUED] = Queued(account_id, intent_id, key)
     log.info("command accepted", extra={"ids": {"command": command.TYPE,
                                                 "message_id": command.message_id}})
     return Outcome(202, orjson.dumps(projected))

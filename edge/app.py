@@ -36,10 +36,12 @@ from edge import (
     webhook_endpoints,
 )
 from edge.accept import json_response
+from edge.admission import Admission
 from edge.auth import PUBLISHABLE_ROUTES, KeyCache, key_from_header
 from edge.idempotency import IdempotencyStore
 from edge.keys import (
     ACCOUNT_ID,
+    ADMISSION,
     AMQP,
     DB,
     HEARTBEAT,
@@ -234,6 +236,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[KEY_CACHE] = KeyCache()
+    app[ADMISSION] = Admission(settings.edge_max_posts)
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx, waiters_ctx, amqp_ctx])
     app.on_shutdown.append(release_waiters)
     for resource in (intents, lifecycle, reads, timeline, events, webhook_endpoints,

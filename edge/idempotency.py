@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from contracts import pending
 from contracts.errors import IdempotencyKeyInUse, IdempotencyMismatch, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return false
 """
+# The same, after confirming the pending marker of the command the answer announces
+# (KEYS[2], field ARGV[4]): the command is queued whether or not the record is still ours.
+_FINISH_QUEUED = pending.confirm_lua("KEYS[2]", "ARGV[4]") + _FINISH
 # Replace the value only if it is still the one read (a takeover after a dead owner).
 _SWAP = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -86,6 +90,14 @@ class Claim:
     how: str = "new"
 
 
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A command RabbitMQ confirmed, whose pending marker is still to be confirmed."""
+    account_id: str
+    intent_id: str
+    key: str
+
+
 def alive_key(owner: str) -> str:
     return f"edge:{owner}"
 
@@ -100,6 +112,7 @@ class IdempotencyStore:
         self._lock_ms = lock_ms
         self.owner = owner
         self._finish = redis.register_script(_FINISH)
+        self._finish_queued = redis.register_script(_FINISH_QUEUED)
         self._swap = redis.register_script(_SWAP)
         self._release = redis.register_script(_RELEASE)
         # Set once by the first edge of the deployment to beat; its disappearance tells every
@@ -171,9 +184,17 @@ class IdempotencyStore:
             "There is currently another in-progress request using this Idempotency-Key; "
             "retry shortly.", headers={"Stripe-Should-Retry": "true", "Retry-After": "1"})
 
-    async def finish(self, claim: Claim, fp: str, status: int, body: bytes) -> None:
+    async def finish(self, claim: Claim, fp: str, status: int, body: bytes,
+                     queued: Queued | None = None) -> None:
+        """Store the answer for replays; with `queued`, confirm that command's pending marker
+        in the same round trip (contracts/pending.py)."""
         done = orjson.dumps({"state": "done", "fp": fp, "status": status, "body": body.decode()})
-        await self._finish(keys=[claim.redis_key], args=[claim.record, done, self._ttl_s])
+        if queued is None:
+            await self._finish(keys=[claim.redis_key], args=[claim.record, done, self._ttl_s])
+            return
+        await self._finish_queued(
+            keys=[claim.redis_key, pending.redis_key(queued.account_id, queued.intent_id)],
+            args=[claim.record, done, self._ttl_s, queued.key])
 
     async def _owner_dead(self, record: dict[str, Any]) -> bool:
         owner = record.get("owner")

@@ -10,8 +10,9 @@ from aiohttp import web
 
 from contracts.pending import PendingCommands
 from contracts.topology import CommandPublisher
+from edge.admission import Admission, Admitted
 from edge.auth import KeyCache
-from edge.idempotency import IdempotencyStore
+from edge.idempotency import IdempotencyStore, Queued
 from edge.waiters import StatusWaiters
 from ops.loops import Loop
 from ops.settings import Settings
@@ -23,6 +24,7 @@ AMQP = web.AppKey("amqp", aio_pika.abc.AbstractRobustConnection)
 PUBLISHER = web.AppKey("publisher", CommandPublisher)
 IDEMPOTENCY = web.AppKey("idempotency", IdempotencyStore)
 PENDING = web.AppKey("pending", PendingCommands)
+ADMISSION = web.AppKey("admission", Admission)
 KEY_CACHE = web.AppKey("key_cache", KeyCache)
 HEARTBEAT = web.AppKey("heartbeat", Loop)
 # Absent when rate limits are off.
@@ -38,3 +40,7 @@ KEY_KIND = web.RequestKey("key_kind", str)
 # The event-loop time a POST must be over by (edge/accept.py), and whether it is publishing.
 DEADLINE = web.RequestKey("deadline", float)
 PUBLISHING = web.RequestKey("publishing", bool)
+# The command a POST's publish queued, whose pending marker is confirmed with its answer.
+QUEUED = web.RequestKey("queued", Queued)
+# The POST's place under the edge's bound (edge/admission.py).
+ADMITTED = web.RequestKey("admitted", Admitted)

@@ -24,6 +24,10 @@ for _dependency in ("postgres", "redis", "rabbitmq"):
     DEPENDENCY_ERRORS.labels(_dependency)
 RATE_LIMITED = Counter("payonce_edge_rate_limited_total",
                        "Requests refused with 429 because their account was over its limit")
+SHED = Counter("payonce_edge_shed_total",
+               "POSTs refused with 429 because this edge process ran its most at once")
+POSTS_RUNNING = Gauge("payonce_edge_posts_running",
+                      "POSTs this edge process runs, from the claim of their key to their 202")
 LONGPOLL_WAITERS = Gauge(
     "payonce_edge_longpoll_waiters", "Requests waiting for an intent to change (?wait=N)"
 )

@@ -75,7 +75,8 @@ with `confirm=true`, a confirm and a capture wait, once accepted, for the paymen
 `payment_intent`), as Stripe answers; the 202 when the outcome does not come in time.
 
 **Rate limits**: an account over `PAYONCE_RATE_LIMIT_PER_S` (when set) gets **429**
-`rate_limit`, and so does a long-poll while too many wait on one edge process. Server errors
+`rate_limit`, and so does a long-poll while too many wait on one edge process, and a POST
+while one edge process runs its most at once (`PAYONCE_EDGE_MAX_POSTS`). Server errors
 are 503 with `Stripe-Should-Retry: true` when a dependency is down or a publish was not
 confirmed; retry with the same Idempotency-Key.
 
@@ -160,8 +161,9 @@ E402 = Answer("With `Prefer: wait=N`: the payment was declined (`card_error`, wi
               "`decline_code`, `charge` and the `payment_intent`).",
               headers=("Idempotent-Replayed", "Preference-Applied"))
 E429 = Answer("The account sent more requests than its rate limit (`PAYONCE_RATE_LIMIT_PER_S`) "
-              "allows, or too many long-polls wait on this edge process (`rate_limit`); nothing "
-              "was done. Retry after `Retry-After` seconds (a long-poll also without `wait`).",
+              "allows, too many long-polls wait on this edge process, or it runs its most POSTs "
+              "at once (`rate_limit`); nothing was done. Retry after `Retry-After` seconds (a "
+              "long-poll also without `wait`).",
               headers=("Retry-After",))
 E503 = Answer("A service payonce depends on is unreachable and nothing was done "
               "(`service_unavailable`), or a command's publish was not confirmed and it may "

@@ -81,6 +81,11 @@ class Settings:
     # Long-polls (`?wait=N`) waiting at once in one edge process; past it a request that would
     # wait gets a 429. Each holds a socket and a few hundred bytes: the bound is the socket's.
     longpoll_max_waiters: int = 10_000
+    # POSTs one edge process runs at once, up to their 202 (edge/admission.py); past it a POST
+    # is refused with a 429 before anything is done (0: no bound). A process answers a few
+    # hundred POSTs a second: 128 are far more than it runs at once below its full rate, and
+    # at it they keep the wait of a POST taken within about a second.
+    edge_max_posts: int = 128
 
     # Messages a partition consumer holds at once; bounds memory and intents in progress.
     prefetch: int = 256
@@ -216,6 +221,8 @@ class Settings:
         if not schedule or any(p < 0 for p in schedule):
             raise SettingsError("PAYONCE_WEBHOOK_RETRY_SCHEDULE must be seconds between "
                                 "attempts, comma-separated (e.g. 5,300,1800)")
+        if self.edge_max_posts < 0:
+            raise SettingsError("PAYONCE_EDGE_MAX_POSTS must be 0 (no bound) or more")
         if self.rate_limit_per_s < 0 or self.rate_limit_burst < 0:
             raise SettingsError("PAYONCE_RATE_LIMIT_PER_S and PAYONCE_RATE_LIMIT_BURST must not "
                                 "be negative")

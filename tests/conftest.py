@@ -26,6 +26,7 @@ import aio_pika
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from contracts.topology import Topology, delete
@@ -191,6 +192,8 @@ class Stack:
     session: aiohttp.ClientSession
     processor: Processor | None
     dispatcher: Dispatcher | None = None
+    # The edge's aiohttp application, when the stack runs an edge.
+    app: web.Application | None = None
 
     async def client(self) -> Client:
         async with self.db.acquire() as conn:
@@ -229,8 +232,9 @@ async def stack(settings: Settings | None = None, *, processor: bool = True,
     db = await create_pool(settings.database_url, timeout_s=10.0, min_size=1, max_size=10)
     redis = aioredis.from_url(settings.redis_url)
     session = aiohttp.ClientSession()
-    server = TestServer(create_app(settings), host="127.0.0.1") if edge else None
-    s = Stack(settings, "", db, redis, session, None)
+    app = create_app(settings) if edge else None
+    server = TestServer(app, host="127.0.0.1") if app is not None else None
+    s = Stack(settings, "", db, redis, session, None, app=app)
     try:
         if server is not None:
             await server.start_server()

@@ -8,10 +8,12 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import stripe
 
+from edge.keys import ADMISSION, PUBLISHER, WAITERS
 from tests.conftest import Stack, make_settings, stack
 
 RATE = 5.0
@@ -79,3 +81,57 @@ async def test_stripes_library_raises_rate_limit_error(limited: Stack) -> None:
     error = await asyncio.to_thread(burst)
     assert error.http_status == 429
     assert error.json_body is not None and error.json_body["error"]["code"] == "rate_limit"
+
+
+async def test_posts_past_the_edges_bound_are_refused_at_once_and_change_nothing(
+    migrated: None,
+) -> None:
+    """Load shedding (edge/admission.py): with one POST running, a second gets a 429 before
+    its key is claimed; once the first has its 202 the same key runs as new, and a POST
+    waiting for its outcome after its 202 (`Prefer: wait`) no longer holds its place."""
+    async with stack(make_settings(edge_max_posts=1), processor=False) as s:
+        assert s.app is not None
+        api = await s.client()
+        publisher = s.app[PUBLISHER]
+        publish = publisher.publish
+        publishing, go_on = asyncio.Event(), asyncio.Event()
+
+        async def held(command: Any, **kw: Any) -> None:
+            publishing.set()
+            await go_on.wait()
+            await publish(command, **kw)
+
+        publisher.publish = held  # type: ignore[method-assign]
+        params = {"amount": "1000", "currency": "usd"}
+        first = asyncio.create_task(api.post("/v1/payment_intents", params))
+        await publishing.wait()
+        key = str(uuid.uuid4())
+        refused = await api.post("/v1/payment_intents", params, key=key)
+        assert refused.status == 429, refused
+        assert refused.error["type"] == "invalid_request_error"
+        assert refused.error["code"] == "rate_limit"
+        assert refused.headers["Retry-After"] == "1"
+        assert refused.headers["Stripe-Should-Retry"] == "true"
+        assert not await s.redis.exists(f"idem:{api.account_id}:{key}")
+        go_on.set()
+        assert (await first).status == 202
+        publisher.publish = publish  # type: ignore[method-assign]
+
+        accepted = await api.post("/v1/payment_intents", params, key=key)
+        assert accepted.status == 202, accepted
+        assert "Idempotent-Replayed" not in accepted.headers
+
+        # No processor runs: this confirm waits its whole second after its 202.
+        waiting = asyncio.create_task(api.post(
+            f"/v1/payment_intents/{accepted.body['id']}/confirm",
+            {"payment_method": "pm_card_visa"}, headers={"Prefer": "wait=1"}))
+        for _ in range(100):
+            if s.app[WAITERS].waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert s.app[WAITERS].waiting == 1
+        assert s.app[ADMISSION].running == 0
+        assert (await api.create(amount=500, currency="usd")).status == 202
+        assert not waiting.done()
+        assert (await waiting).status == 202
+        assert s.app[ADMISSION].running == 0
