@@ -25,6 +25,7 @@ operation in Redis that leaves the object as it was written.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -48,6 +49,24 @@ end
 
 
 _CONFIRM = confirm_lua("KEYS[1]", "ARGV[1]")
+# Removes the entry ARGV[1] only if it still is ARGV[2].
+_REMOVE_IF = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """A marker to write: the hash `name`, its field `key` (the Idempotency-Key) and `entry`;
+    the hash lives `ttl_s` from then. Written by `PendingCommands.add`, or by the edge's claim
+    of a create's key in the same round trip (edge/idempotency.py)."""
+    name: str
+    key: str
+    entry: bytes
+    ttl_s: int
 
 
 def redis_key(account_id: str, intent_id: str) -> str:
@@ -73,21 +92,28 @@ class PendingCommands:
         self._ttl_s = ttl_s
         self._deployment = notify_deployment
         self._confirm = redis.register_script(_CONFIRM)
+        self._remove_if = redis.register_script(_REMOVE_IF)
 
-    async def add(self, account_id: str, intent_id: str, key: str, obj: dict[str, Any],
-                  *, deadline_ns: int) -> None:
-        """A command about to be published; unless confirmed, the marker means nothing after
-        `deadline_ns` (Unix time)."""
-        name = redis_key(account_id, intent_id)
+    def marker(self, account_id: str, intent_id: str, key: str, obj: dict[str, Any],
+               *, deadline_ns: int) -> Marker:
+        """The marker of a command about to be published; unless confirmed, it means nothing
+        after `deadline_ns` (Unix time)."""
         entry = b"%d:%d:%s" % (time.time_ns(), deadline_ns, orjson.dumps(obj))
+        return Marker(redis_key(account_id, intent_id), key, entry, self._ttl_s)
+
+    async def add(self, marker: Marker) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(name, key, entry)
-            pipe.expire(name, self._ttl_s)
+            pipe.hset(marker.name, marker.key, marker.entry)
+            pipe.expire(marker.name, marker.ttl_s)
             await pipe.execute()
 
     async def confirm(self, account_id: str, intent_id: str, key: str) -> None:
         """RabbitMQ holds the command: the marker stands until the command is applied."""
         await self._confirm(keys=[redis_key(account_id, intent_id)], args=[key])
+
+    async def remove_marker(self, marker: Marker) -> None:
+        """Removes `marker` if it is still the entry written (a later one stays)."""
+        await self._remove_if(keys=[marker.name], args=[marker.key, marker.entry])
 
     async def remove(self, account_id: str, intent_id: str, key: str) -> None:
         if self._deployment is None:

@@ -41,6 +41,7 @@ from edge.keys import (
     DB,
     DEADLINE,
     IDEMPOTENCY,
+    MARKED,
     PENDING,
     PUBLISHER,
     PUBLISHING,
@@ -74,7 +75,8 @@ def json_response(
 
 
 async def idempotent(
-    request: web.Request, key: str, fp: str, execute: Callable[[], Awaitable[Outcome]]
+    request: web.Request, key: str, fp: str, execute: Callable[[], Awaitable[Outcome]],
+    *, marks: tuple[str, dict[str, Any]] | None = None,
 ) -> web.Response:
     """Run `execute` once per (account, Idempotency-Key); replay its answer to retries.
 
@@ -83,22 +85,34 @@ async def idempotent(
     An unknown outcome parks the key with its fingerprint instead (see edge/idempotency.py).
     `execute` gets `request_timeout_s` from the claim: the lock outlasts it, so a request
     never runs on after another has taken its key.
+
+    `marks`: (intent id, object) of the command `execute` will `accept`, when it is known
+    before the claim (a create's): a new claim writes its pending marker in the same round
+    trip, and `accept` does not write it again. Removed here if `accept` never ran.
     """
     admitted = request.app[ADMISSION].enter()
     request[ADMITTED] = admitted
     try:
-        return await _idempotent(request, key, fp, execute)
+        return await _idempotent(request, key, fp, execute, marks)
     finally:
         admitted.leave()
 
 
 async def _idempotent(
-    request: web.Request, key: str, fp: str, execute: Callable[[], Awaitable[Outcome]]
+    request: web.Request, key: str, fp: str, execute: Callable[[], Awaitable[Outcome]],
+    marks: tuple[str, dict[str, Any]] | None,
 ) -> web.Response:
-    store = request.app[IDEMPOTENCY]
+    app = request.app
+    store = app[IDEMPOTENCY]
     account_id = request[ACCOUNT_ID]
+    loop = asyncio.get_running_loop()
+    request[DEADLINE] = loop.time() + app[SETTINGS].request_timeout_s
+    marker = None
+    if marks is not None:
+        marker = app[PENDING].marker(account_id, marks[0], key, marks[1],
+                                     deadline_ns=_marker_deadline_ns(request))
     try:
-        claimed = await store.claim(account_id, key, fp)
+        claimed = await store.claim(account_id, key, fp, marker)
     except RedisError as exc:
         metrics.DEPENDENCY_ERRORS.labels("redis").inc()
         raise unavailable("redis", exc) from exc
@@ -116,8 +130,9 @@ async def _idempotent(
     if claimed.how != "new":
         metrics.IDEMPOTENCY.labels(claimed.how).inc()
         log.info("idempotency key claimed again", extra={"ids": {"after": claimed.how}})
-    loop = asyncio.get_running_loop()
-    request[DEADLINE] = loop.time() + request.app[SETTINGS].request_timeout_s
+    if claimed.marked:
+        assert marker is not None
+        request[MARKED] = marker
     try:
         async with asyncio.timeout_at(request[DEADLINE]):
             outcome = await execute()
@@ -135,6 +150,8 @@ async def _idempotent(
     except BaseException:
         await _release(request, store, claimed)
         raise
+    finally:
+        await _unmark(request)
     try:
         await store.finish(claimed, fp, outcome.status, outcome.body, request.get(QUEUED))
     except RedisError:
@@ -145,6 +162,26 @@ async def _idempotent(
     metrics.IDEMPOTENCY.labels("new").inc()
     return web.Response(body=outcome.body, status=outcome.status,
                         content_type="application/json", headers=outcome.headers)
+
+
+def _marker_deadline_ns(request: web.Request) -> int:
+    """The Unix time a pending marker written now means nothing after unless its command was
+    confirmed: the end of its request, and the lock's margin."""
+    remaining = request[DEADLINE] - asyncio.get_running_loop().time()
+    return time.time_ns() + int((remaining + LOCK_MARGIN_S) * 1e9)
+
+
+async def _unmark(request: web.Request) -> None:
+    """Removes the marker the claim wrote for a command `accept` never took up (the request
+    failed before it, or was answered from Postgres)."""
+    marker = request.pop(MARKED, None)
+    if marker is None:
+        return
+    try:
+        await request.app[PENDING].remove_marker(marker)
+    except RedisError:
+        log.warning("could not remove the pending marker of a command never published; it "
+                    "lapses at the end of the request")
 
 
 async def _release(request: web.Request, store: IdempotencyStore, claimed: Claim) -> None:
@@ -229,12 +266,13 @@ async def _accept(
     pending = app[PENDING]
     account_id, intent_id, key = command.account_id, command.intent_id, command.idempotency_key
     remaining = request[DEADLINE] - asyncio.get_running_loop().time()
-    # The marker means nothing once this request is over, unless the publish is confirmed.
-    deadline_ns = time.time_ns() + int((remaining + LOCK_MARGIN_S) * 1e9)
-    try:
-        await pending.add(account_id, intent_id, key, projected, deadline_ns=deadline_ns)
-    except RedisError as exc:
-        raise unavailable("redis", exc) from exc
+    # Written with the claim (`idempotent`'s `marks`), or here.
+    if request.pop(MARKED, None) is None:
+        try:
+            await pending.add(pending.marker(account_id, intent_id, key, projected,
+                                             deadline_ns=_marker_deadline_ns(request)))
+        except RedisError as exc:
+            raise unavailable("redis", exc) from exc
     failpoints.hit("edge.before_publish")
     request[PUBLISHING] = True
     try:

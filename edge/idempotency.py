@@ -36,6 +36,19 @@ log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 255
 
+# Claim the key if nobody holds it (1), and then, with KEYS[2], write the pending marker of the
+# command the request publishes (contracts/pending.py): one round trip for both. Otherwise the
+# record found there, or 0 if it expired in between.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if KEYS[2] then
+    redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+    redis.call('EXPIRE', KEYS[2], ARGV[5])
+  end
+  return 1
+end
+return redis.call('GET', KEYS[1]) or 0
+"""
 # Replace the value only if it is still our in-flight record.
 _FINISH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -88,6 +101,8 @@ class Claim:
     record: bytes
     # "new", or how an earlier attempt with this key ended: "taken_over", "unknown".
     how: str = "new"
+    # Whether the claim wrote the pending marker it was given.
+    marked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +126,7 @@ class IdempotencyStore:
         self._ttl_s = ttl_s
         self._lock_ms = lock_ms
         self.owner = owner
+        self._claim = redis.register_script(_CLAIM)
         self._finish = redis.register_script(_FINISH)
         self._finish_queued = redis.register_script(_FINISH_QUEUED)
         self._swap = redis.register_script(_SWAP)
@@ -152,8 +168,10 @@ class IdempotencyStore:
         """This edge stops: keys it still holds may be taken over at once."""
         await self._redis.delete(alive_key(self.owner))
 
-    async def claim(self, account_id: str, key: str, fp: str) -> Claim | Stored:
-        """Claim the key for this request, or the stored answer to replay.
+    async def claim(self, account_id: str, key: str, fp: str,
+                    marker: pending.Marker | None = None) -> Claim | Stored:
+        """Claim the key for this request, or the stored answer to replay. With `marker`, a
+        new claim (`how` "new") also writes that pending marker (`Claim.marked`).
 
         Raises IdempotencyKeyInUse while another request holds it and IdempotencyMismatch when
         the key was used for a different request.
@@ -161,13 +179,19 @@ class IdempotencyStore:
         redis_key = f"idem:{account_id}:{key}"
         record = orjson.dumps({"state": "in_flight", "fp": fp, "token": secrets.token_hex(8),
                                "owner": self.owner})
+        args: list[bytes | str | int]
+        if marker is None:
+            keys, args = [redis_key], [record, self._lock_ms]
+        else:
+            keys = [redis_key, marker.name]
+            args = [record, self._lock_ms, marker.key, marker.entry, marker.ttl_s]
         # A few tries: the record read may expire, or be swapped by a concurrent retry, between
         # our SET and GET.
         for _ in range(3):
-            if await self._redis.set(redis_key, record, nx=True, px=self._lock_ms):
-                return Claim(redis_key, record)
-            raw = await self._redis.get(redis_key)
-            if raw is None:
+            raw = await self._claim(keys=keys, args=args)
+            if raw == 1:
+                return Claim(redis_key, record, marked=marker is not None)
+            if raw == 0:
                 continue
             existing = orjson.loads(raw)
             if existing["fp"] != fp:

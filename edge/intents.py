@@ -75,33 +75,34 @@ async def create_intent(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     account_id = request[ACCOUNT_ID]
     intent_id = ids.intent_id(settings.secret_bytes, account_id, key)
+    if values["confirm"]:
+        status = IntentStatus.PROCESSING
+    elif values["payment_method"]:
+        status = IntentStatus.REQUIRES_CONFIRMATION
+    else:
+        status = IntentStatus.REQUIRES_PAYMENT_METHOD
+    now = int(time.time())
+    capture_method = values.get("capture_method") or CaptureMethod.AUTOMATIC.value
+    # Known before the key is claimed, so the claim writes its pending marker too.
+    projected = objects.payment_intent(
+        {**values, "capture_method": capture_method, "id": intent_id, "status": status,
+         "created": now}, settings.secret_bytes)
 
     async def execute() -> Outcome:
         replay = await applied_before(request, key, fp)
         if replay is not None:
             return replay
-        if values["confirm"]:
-            status = IntentStatus.PROCESSING
-        elif values["payment_method"]:
-            status = IntentStatus.REQUIRES_CONFIRMATION
-        else:
-            status = IntentStatus.REQUIRES_PAYMENT_METHOD
-        now = int(time.time())
-        capture_method = values.get("capture_method") or CaptureMethod.AUTOMATIC.value
         command = CreateIntent(
             account_id=account_id, intent_id=intent_id, request_id=request[REQUEST_ID],
             accepted_at=now, idempotency_key=key, fingerprint=fp,
             **{**values, "capture_method": capture_method})
-        projected = objects.payment_intent(
-            {**values, "capture_method": capture_method, "id": intent_id, "status": status,
-             "created": now}, settings.secret_bytes)
         accepted = await accept(request, command, projected)
         if not values["confirm"]:
             return accepted
         return await waited(request, intent_id, accepted, lambda: read_intent(request, intent_id))
 
     with bound(intent=intent_id):
-        return await idempotent(request, key, fp, execute)
+        return await idempotent(request, key, fp, execute, marks=(intent_id, projected))
 
 
 async def current_view(

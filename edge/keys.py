@@ -8,7 +8,7 @@ import aio_pika
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from contracts.pending import PendingCommands
+from contracts.pending import Marker, PendingCommands
 from contracts.topology import CommandPublisher
 from edge.admission import Admission, Admitted
 from edge.auth import KeyCache
@@ -40,6 +40,8 @@ KEY_KIND = web.RequestKey("key_kind", str)
 # The event-loop time a POST must be over by (edge/accept.py), and whether it is publishing.
 DEADLINE = web.RequestKey("deadline", float)
 PUBLISHING = web.RequestKey("publishing", bool)
+# The pending marker the claim of a POST's key wrote, until `accept` takes it up.
+MARKED = web.RequestKey("marked", Marker)
 # The command a POST's publish queued, whose pending marker is confirmed with its answer.
 QUEUED = web.RequestKey("queued", Queued)
 # The POST's place under the edge's bound (edge/admission.py).

@@ -11,9 +11,11 @@ import uuid
 from typing import Any
 
 import orjson
+import pytest
 
 from contracts import ids
-from edge import params
+from edge import intents, params
+from edge.accept import unavailable
 from edge.idempotency import Claim, IdempotencyStore, fingerprint
 from tests.conftest import Client, Reply, Stack, stack
 
@@ -283,6 +285,9 @@ async def test_redis_forgets_after_the_intent_was_applied(api: Client, shared: S
     assert retry.body == intent  # answered from Postgres: the intent as it is now
     assert await count(api, "payment_intents") == 1
     assert await count(api, "inbox") == 1
+    # The claim wrote the create's pending marker; answered from Postgres, nothing was
+    # published, and the marker is gone.
+    assert await shared.redis.exists(f"pending:{api.account_id}:{intent['id']}") == 0
 
     await shared.redis.delete(redis_key(api, key))
     other = await api.post(CREATE, {"amount": "999", "currency": "usd"}, key=key)
@@ -340,6 +345,40 @@ async def test_redis_forgets_before_the_command_is_applied(migrated: None) -> No
             "SELECT count(*) FROM events WHERE object_id = $1 AND type = $2",
             intent_id, "payment_intent.created") == 1
         assert len(await attempts_of(api, intent_id)) == 1
+
+
+async def test_a_creates_marker_comes_with_its_claim_and_goes_if_nothing_is_published(
+    migrated: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create claims its key and writes its pending marker in one round trip, and the marker
+    is marked queued with the stored answer. A create that fails between the two (here the
+    inbox check) leaves neither marker nor claim behind."""
+    async with stack(processor=False) as s:
+        api = await s.client()
+        key = str(uuid.uuid4())
+        body = {"amount": "1000", "currency": "usd"}
+        created = await api.post(CREATE, body, key=key)
+        assert created.status == 202
+        marker = f"pending:{api.account_id}:{created.body['id']}"
+        _, deadline, obj = (await s.redis.hget(marker, key)).split(b":", 2)
+        assert deadline == b"0"  # queued: it stands until the processor applies the create
+        assert orjson.loads(obj) == created.body
+
+        async def down(*args: Any, **kw: Any) -> None:
+            raise unavailable("postgres", ConnectionError("test"))
+
+        monkeypatch.setattr(intents, "applied_before", down)
+        key = str(uuid.uuid4())
+        failed = await api.post(CREATE, body, key=key)
+        assert failed.status == 503, failed.body
+        intent_id = ids.intent_id(s.settings.secret_bytes, api.account_id, key)
+        assert await s.redis.hget(f"pending:{api.account_id}:{intent_id}", key) is None
+        assert await s.redis.exists(redis_key(api, key)) == 0
+        assert (await api.get(f"/v1/payment_intents/{intent_id}")).status == 404
+        monkeypatch.undo()
+        again = await api.post(CREATE, body, key=key)
+        assert again.status == 202 and again.body["id"] == intent_id
+        assert "Idempotent-Replayed" not in again.headers
 
 
 async def test_validation_failure_does_not_burn_the_key(api: Client, shared: Stack) -> None:
