@@ -223,14 +223,11 @@ class PublishFailed(Exception):
     `maybe_queued` is False only when the broker certainly does not hold it (it refused it,
     could not route it, or the channel was closed before anything was sent); after a timeout
     or a connection lost while waiting, the command may be queued and applied later.
-    `timed_out`: the connection is up and the confirm did not come in time, as when the broker
-    is busy or blocks publishers; the command is then most likely queued.
     """
 
-    def __init__(self, message: str, *, maybe_queued: bool, timed_out: bool = False) -> None:
+    def __init__(self, message: str, *, maybe_queued: bool) -> None:
         super().__init__(message)
         self.maybe_queued = maybe_queued
-        self.timed_out = timed_out
 
 
 class CommandPublisher:
@@ -304,7 +301,6 @@ class CommandPublisher:
             # A nack: the broker refused the command (e.g. the queue is full).
             raise PublishFailed(f"refused by RabbitMQ: {exc}", maybe_queued=False) from exc
         except (TimeoutError, ConnectionError, RuntimeError, aio_pika.exceptions.AMQPError) as exc:
-            raise PublishFailed(f"{type(exc).__name__}: {exc}", maybe_queued=True,
-                                timed_out=isinstance(exc, TimeoutError)) from exc
+            raise PublishFailed(f"{type(exc).__name__}: {exc}", maybe_queued=True) from exc
         if not isinstance(confirmation, Basic.Ack):
             raise PublishFailed(f"not routed: {confirmation!r}", maybe_queued=False)

@@ -244,18 +244,10 @@ class AttemptRunner:
         try:
             await self._publisher.publish(command)
         except PublishFailed as exc:
-            if not exc.timed_out:
-                log.warning("could not publish psp result; retrying",
-                            extra={"ids": {"error": str(exc)}})
-                await self._pool.execute(self.sql.retry_later, attempt_id, 1.0)
-                return
-            # The broker is up and slow to confirm (busy, or blocking publishers): the result
-            # is most likely queued, and sending it again each second would add to what slows
-            # it. Taken as reported, it is sent again only if still not applied after
-            # psp_report_timeout_s (this module's docstring).
-            metrics.RESULTS_UNCONFIRMED.inc()
-            log.warning("psp result not confirmed in time; published again if not applied",
+            log.warning("could not publish psp result; retrying",
                         extra={"ids": {"error": str(exc)}})
+            await self._pool.execute(self.sql.retry_later, attempt_id, 1.0)
+            return
         await self._reported(attempt_id)
         log.info("psp result reported", extra={"ids": {"outcome": self._outcome(result)}})
 

@@ -74,11 +74,6 @@ ATTEMPTS_DEFERRED = Counter(
     "payonce_processor_attempts_deferred_total",
     "Attempts kicked while the waiting list was full, left to the sweeper",
 )
-RESULTS_UNCONFIRMED = Counter(
-    "payonce_processor_results_unconfirmed_total",
-    "PSP results whose publish RabbitMQ did not confirm in time; taken as reported, and "
-    "published again only if not applied after PAYONCE_PSP_REPORT_TIMEOUT_S",
-)
 RESULTS_REREPORTED = Counter(
     "payonce_processor_results_rereported_total",
     "PSP results published again because they were not applied in time",

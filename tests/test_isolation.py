@@ -18,14 +18,7 @@ from prometheus_client import REGISTRY
 
 from contracts import ids
 from contracts.commands import client_message_id
-from contracts.topology import (
-    CommandPublisher,
-    PublishFailed,
-    Topology,
-    TopologyMismatch,
-    declare,
-    delete,
-)
+from contracts.topology import Topology, TopologyMismatch, declare, delete
 from ops.loops import Loop
 from ops.postgres import is_transient
 from ops.settings import Settings
@@ -156,52 +149,6 @@ async def test_dead_lettered_psp_result_is_reported_again(
             "SELECT reports FROM payment_attempts WHERE payment_intent_id = $1", intent_id) == 1
         await check_ledger(s.db, api.account_id, amounts, since, {intent_id: 1})
         await check_events(s.db, api.account_id, {intent_id: VISA}, None)
-
-
-async def test_a_psp_result_rabbitmq_does_not_confirm_in_time_is_not_sent_each_second(
-    migrated: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A PSP result whose confirm does not come in time (a busy broker) is taken as reported
-    rather than published again every second, which would add to the load that slowed it.
-    Here the first one never even reached the broker: it is published again once the report
-    timeout passed, and the payment settles once."""
-    original = CommandPublisher.publish
-    results: list[str] = []
-
-    async def publish(self: CommandPublisher, command: Any, **kw: Any) -> None:
-        if command.TYPE == "payment_intent.psp_result":
-            results.append(command.message_id)
-            if len(results) == 1:
-                raise PublishFailed("TimeoutError: ", maybe_queued=True, timed_out=True)
-        await original(self, command, **kw)
-
-    monkeypatch.setattr(CommandPublisher, "publish", publish)
-    settings = make_settings(psp_report_timeout_s=6.0)
-    amounts = Amounts(1)
-    unconfirmed = metrics_value("payonce_processor_results_unconfirmed_total", {})
-    async with stack(settings) as s:
-        api = await s.client()
-        since = await s.db.fetchval("SELECT now()")
-        intent_id = await create(api, amounts.take(), VISA, confirm_separately=False)
-        await wait_until(lambda: published(results, 1))
-        # Well past the 1 s a failed publish is retried after, and short of the report timeout.
-        await asyncio.sleep(2.0)
-        assert len(results) == 1
-        assert (await api.get(f"/v1/payment_intents/{intent_id}")).body["status"] == "processing"
-        assert await s.db.fetchval(
-            "SELECT state FROM payment_attempts WHERE payment_intent_id = $1",
-            intent_id) == "reported"
-        done = await api.wait_for(intent_id, ["succeeded"], within_s=30)
-        assert done["amount_received"] == amounts.base
-        assert len(results) == 2 and results[0] == results[1]
-        assert metrics_value("payonce_processor_results_unconfirmed_total",
-                             {}) == unconfirmed + 1
-        await check_ledger(s.db, api.account_id, amounts, since, {intent_id: 1})
-        await check_events(s.db, api.account_id, {intent_id: VISA}, None)
-
-
-async def published(results: list[str], count: int) -> bool:
-    return len(results) >= count
 
 
 async def wait_until(check: Any, within_s: float = 20.0) -> None:
