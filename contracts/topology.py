@@ -12,9 +12,10 @@ import contextlib
 import logging
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 from pamqp.commands import Basic
 
 from contracts.commands import Command
@@ -36,6 +37,7 @@ WEBHOOK_QUEUE_MAX = 1_000_000
 # oldest go rather than refuse the relay's publishes (which would stop every event).
 STATUS_TTL_MS = 60_000
 STATUS_QUEUE_MAX = 100_000
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +232,30 @@ class PublishFailed(Exception):
         self.maybe_queued = maybe_queued
 
 
+async def publish_confirmed(
+    channel: aio_pika.abc.AbstractChannel, exchange: str, routing_key: str, body: bytes,
+    properties: aiormq.spec.Basic.Properties, *, timeout_s: float,
+) -> Any:
+    """Publishes `body` mandatory on `channel` (opened with publisher confirms) and returns the
+    broker's answer: Basic.Ack, or the message returned unrouted. A nack raises
+    aio_pika.exceptions.DeliveryError.
+
+    Unlike aio-pika's Exchange.publish, this does not hold the channel until the frames are
+    on the socket. aiormq does by default (`wait=True`), so each publish of a channel waits in
+    line for the writes of all the ones before it, a few turns of the event loop each: a
+    busy process then gets a few dozen publishes a second through one channel, and the rest
+    time out in the line, unsent. Here the frames go to the connection's writer at once and
+    the channel is free for the next publish, so the confirms of any number of publishes are
+    awaited together (the broker's confirms, not the line, set the pace), in call order."""
+    if channel.is_closed:
+        raise aio_pika.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+    # The concrete channel: its basic_publish takes `wait`, which the abstract one leaves out.
+    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+    return await underlay.basic_publish(
+        body, exchange=exchange, routing_key=routing_key, properties=properties,
+        mandatory=True, timeout=timeout_s, wait=False)
+
+
 class CommandPublisher:
     """Publishes commands to their intent's partition and waits for the broker's confirm.
 
@@ -270,12 +296,11 @@ class CommandPublisher:
                     await old.close()
 
     async def publish(self, command: Command, *, timeout_s: float | None = None) -> None:
-        message = aio_pika.Message(
-            body=command.encode(),
+        properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=PERSISTENT,
             message_id=command.message_id,
-            type=command.TYPE,
+            message_type=command.TYPE,
             correlation_id=command.request_id,
             headers={"intent_id": command.intent_id, "account_id": command.account_id},
         )
@@ -291,12 +316,11 @@ class CommandPublisher:
             raise PublishFailed(f"RabbitMQ is unavailable: {exc!r}", maybe_queued=False) from exc
         try:
             # mandatory: an unroutable command fails the publish instead of vanishing.
-            confirmation = await self._exchange.publish(
-                message,
-                routing_key=self._topology.routing_key(command.intent_id),
-                mandatory=True,
-                timeout=self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s),
-            )
+            confirmation = await publish_confirmed(
+                self._channel, self._exchange.name,
+                self._topology.routing_key(command.intent_id), command.encode(), properties,
+                timeout_s=self._timeout_s if timeout_s is None else min(timeout_s,
+                                                                        self._timeout_s))
         except aio_pika.exceptions.DeliveryError as exc:
             # A nack: the broker refused the command (e.g. the queue is full).
             raise PublishFailed(f"refused by RabbitMQ: {exc}", maybe_queued=False) from exc

@@ -36,12 +36,13 @@ from collections import deque
 from typing import Any
 
 import aio_pika
+import aiormq
 import orjson
 from aiohttp import web
 from pamqp.commands import Basic
 
 from contracts import objects
-from contracts.topology import Topology, declare_events
+from contracts.topology import PERSISTENT, Topology, declare_events, publish_confirmed
 from ops.health import metrics_response, readiness, serve
 from ops.loops import Loop
 from ops.postgres import Database, connect, create_pool
@@ -143,7 +144,7 @@ class OutboxRelay:
                     loop.beat()
                     if rows:
                         in_flight.append(
-                            (rows, asyncio.create_task(self._publish(exchange, rows))))
+                            (rows, asyncio.create_task(self._publish(channel, exchange, rows))))
                         continue
                 if not in_flight:
                     await self._idle()
@@ -189,23 +190,22 @@ class OutboxRelay:
             pass
         self._wake.clear()
 
-    async def _publish(self, exchange: aio_pika.abc.AbstractExchange, rows: list[Any]) -> None:
+    async def _publish(self, channel: aio_pika.abc.AbstractChannel,
+                       exchange: aio_pika.abc.AbstractExchange, rows: list[Any]) -> None:
         # Publishes go out on the channel in call order; awaiting the confirms together
         # keeps that order while paying one round trip per batch, not per event.
         confirmations = await asyncio.gather(*(
-            exchange.publish(
-                aio_pika.Message(
-                    body=orjson.dumps(objects.event(row)),
+            publish_confirmed(
+                channel, exchange.name, row["type"], orjson.dumps(objects.event(row)),
+                aiormq.spec.Basic.Properties(
                     content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    delivery_mode=PERSISTENT,
                     message_id=row["id"],
-                    type=row["type"],
+                    message_type=row["type"],
                     correlation_id=row["request_id"],
                     headers={"account_id": row["account_id"], "object_id": row["object_id"]},
                 ),
-                routing_key=row["type"],
-                mandatory=True,
-                timeout=self._timeout_s,
+                timeout_s=self._timeout_s,
             )
             for row in rows
         ))

@@ -69,11 +69,11 @@ class SlowBroker(OutboxRelay):
         super().__init__(*args)
         self.sizes: list[int] = []
 
-    async def _publish(self, exchange: Any, rows: list[Any]) -> None:
+    async def _publish(self, channel: Any, exchange: Any, rows: list[Any]) -> None:
         self.sizes.append(len(rows))
         if len(rows) > self.CONFIRMS_IN_TIME:
             raise TimeoutError
-        await super()._publish(exchange, rows)
+        await super()._publish(channel, exchange, rows)
 
 
 async def test_a_broker_too_slow_for_a_whole_batch_still_gets_every_event(
