@@ -296,6 +296,7 @@ class CommandPublisher:
                     await old.close()
 
     async def publish(self, command: Command, *, timeout_s: float | None = None) -> None:
+        body = command.encode()
         properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
             delivery_mode=PERSISTENT,
@@ -318,13 +319,16 @@ class CommandPublisher:
             # mandatory: an unroutable command fails the publish instead of vanishing.
             confirmation = await publish_confirmed(
                 self._channel, self._exchange.name,
-                self._topology.routing_key(command.intent_id), command.encode(), properties,
+                self._topology.routing_key(command.intent_id), body, properties,
                 timeout_s=self._timeout_s if timeout_s is None else min(timeout_s,
                                                                         self._timeout_s))
         except aio_pika.exceptions.DeliveryError as exc:
             # A nack: the broker refused the command (e.g. the queue is full).
             raise PublishFailed(f"refused by RabbitMQ: {exc}", maybe_queued=False) from exc
-        except (TimeoutError, ConnectionError, RuntimeError, aio_pika.exceptions.AMQPError) as exc:
+        except Exception as exc:
+            # A timeout or a lost connection; aiormq also fails the confirms still awaited
+            # with the channel's close reason, which may be a bare Exception. The frames may
+            # have been sent either way.
             raise PublishFailed(f"{type(exc).__name__}: {exc}", maybe_queued=True) from exc
         if not isinstance(confirmation, Basic.Ack):
             raise PublishFailed(f"not routed: {confirmation!r}", maybe_queued=False)
