@@ -248,6 +248,7 @@ class AttemptRunner:
                         extra={"ids": {"error": str(exc)}})
             await self._pool.execute(self.sql.retry_later, attempt_id, 1.0)
             return
+        failpoints.hit("processor.after_result_published", self.name)
         await self._reported(attempt_id)
         log.info("psp result reported", extra={"ids": {"outcome": self._outcome(result)}})
 

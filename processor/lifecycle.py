@@ -53,7 +53,7 @@ SYSTEM_COMMANDS = (ExpireAuthorization, ApplyTaskResult)
 
 # Locked in id order, as the runners' statements lock them (processor/attempts.py, ordered).
 SETTLE_TASKS = """
-UPDATE psp_tasks SET state = 'settled', updated_at = now()
+UPDATE psp_tasks SET state = 'settled', locked_until = NULL, updated_at = now()
 WHERE id IN (SELECT id FROM psp_tasks WHERE id = ANY($1::text[]) AND state <> 'settled'
              ORDER BY id FOR UPDATE)
 RETURNING *

@@ -118,6 +118,34 @@ async def test_crash_after_psp_charged_before_recorded(
         assert "psp replayed a charge" in survivor.log()
 
 
+async def test_crash_after_the_result_is_published_before_it_is_marked_reported(
+    migrated: None, procs: list[Proc], tmp_path: Path
+) -> None:
+    # A lease far longer than the test: the result must be applied without waiting it out.
+    settings = make_settings(psp_lease_s=50.0, processor_metrics_port=free_port())
+    amounts = Amounts(1)
+    async with stack(settings, processor=False) as s:
+        api = await s.client()
+        since = await s.db.fetchval("SELECT now()")
+        doomed = await start_processor(settings, procs, tmp_path,
+                                       PAYONCE_FAILPOINTS="processor.after_result_published")
+        intent_id = await create(api, amounts.take(), VISA, confirm_separately=False)
+        assert await doomed.wait_exit(20) == 137
+        attempt = await s.db.fetchrow(
+            "SELECT *, locked_until > now() AS leased FROM payment_attempts "
+            "WHERE payment_intent_id = $1", intent_id)
+        assert attempt["result"] is not None and attempt["leased"]
+
+        await start_processor(settings, procs, tmp_path)
+        intents = await wait_settled(s.db, api.account_id, 1, within_s=30)
+        check_outcomes(intents, {intent_id: VISA})
+        await check_ledger(s.db, api.account_id, amounts, since, {intent_id: 1})
+        # Settled by the result its runner published: the dead runner's lease is gone with it.
+        settled = await s.db.fetchrow(
+            "SELECT state, locked_until FROM payment_attempts WHERE id = $1", attempt["id"])
+        assert (settled["state"], settled["locked_until"]) == ("settled", None)
+
+
 async def test_edge_killed_between_publish_and_response(
     migrated: None, procs: list[Proc], tmp_path: Path
 ) -> None:
