@@ -276,7 +276,9 @@ class CommandPublisher:
 
     @property
     def ready(self) -> bool:
-        return not self._channel.is_closed
+        """Its channel is open and, given its connection, that connection is up."""
+        up = self._connection is None or self._connection.connected.is_set()
+        return up and not self._channel.is_closed
 
     async def _reopen(self) -> None:
         """A new channel, if the old one is closed and the connection is up; once for every

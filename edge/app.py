@@ -221,7 +221,7 @@ async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
 async def ready(request: web.Request) -> web.Response:
     app = request.app
     return await readiness(db=app[DB], redis=app[REDIS], amqp=app[AMQP],
-                           loops=[app[HEARTBEAT], app[WAITERS_LOOP]])
+                           loops=[app[HEARTBEAT], app[WAITERS_LOOP]], publisher=app[PUBLISHER])
 
 
 async def metrics_view(request: web.Request) -> web.Response:

@@ -28,9 +28,11 @@ async def readiness(
     redis: aioredis.Redis | None,
     amqp: aio_pika.abc.AbstractRobustConnection,
     loops: Iterable[Loop] = (),
+    publisher: Any = None,
 ) -> web.Response:
     """503 and the failing checks unless every dependency answers and every loop is alive;
-    `redis=None` for a process that does not use Redis."""
+    `redis=None` for a process that does not use Redis; `publisher`, the process's
+    CommandPublisher (contracts/topology.py), when it has one."""
     checks: dict[str, str] = {}
     try:
         await db.fetchval("SELECT 1")
@@ -44,6 +46,8 @@ async def readiness(
         except Exception as exc:
             checks["redis"] = type(exc).__name__
     checks["rabbitmq"] = "ok" if amqp.connected.is_set() else "disconnected"
+    if publisher is not None:
+        checks["rabbitmq_publisher"] = "ok" if publisher.ready else "unavailable"
     for loop in loops:
         checks[loop.name] = "ok" if loop.alive() else "stalled"
     ok = all(v == "ok" for v in checks.values())

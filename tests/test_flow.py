@@ -227,7 +227,8 @@ async def test_health_and_ready(api: Client) -> None:
     ready = await api.get("/ready", auth=None)
     assert ready.status == 200
     assert ready.body["checks"] == {"postgres": "ok", "redis": "ok", "rabbitmq": "ok",
-                                    "edge_heartbeat": "ok", "edge_status_subscription": "ok"}
+                                    "rabbitmq_publisher": "ok", "edge_heartbeat": "ok",
+                                    "edge_status_subscription": "ok"}
 
 
 async def test_reads_never_go_back_behind_an_accepted_confirm(migrated: None) -> None:
@@ -277,6 +278,26 @@ async def test_metrics_and_processor_health(shared: Stack, api: Client) -> None:
             assert (await resp.json())["status"] == "ok"
     async with api.session.get(f"{base}/ready") as resp:
         assert (await resp.json())["checks"] == {
-            "postgres": "ok", "redis": "ok", "rabbitmq": "ok", "attempt_sweeper": "ok",
+            "postgres": "ok", "redis": "ok", "rabbitmq": "ok", "rabbitmq_publisher": "ok",
+            "attempt_sweeper": "ok",
             "psp_task_sweeper": "ok", "refund_sweeper": "ok", "outbox_relay": "ok",
             "dead_letter_watcher": "ok", "status_fanout": "ok"}
+
+
+async def test_the_processor_is_not_ready_while_it_cannot_publish(migrated: None) -> None:
+    async with stack() as s:
+        assert s.processor is not None and s.processor.publisher is not None
+        url = f"http://127.0.0.1:{s.processor.port}/ready"
+        # Its publishing channel closed under it (as the broker closes a channel on an error).
+        await s.processor.publisher._channel.close()
+        async with s.session.get(url) as resp:
+            assert resp.status == 503
+            checks = (await resp.json())["checks"]
+        assert checks["rabbitmq_publisher"] == "unavailable" and checks["rabbitmq"] == "ok"
+        # The next publish opens a new channel: a PSP result gets through, and it is ready again.
+        api = await s.client()
+        created = await api.create(amount=700, currency="usd", payment_method="pm_card_visa",
+                                   confirm=True)
+        await api.wait_for(created.body["id"], ["succeeded"])
+        async with s.session.get(url) as resp:
+            assert resp.status == 200, await resp.text()
