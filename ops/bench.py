@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import socket
@@ -195,6 +196,36 @@ def _percentiles(samples: list[float]) -> str:
            f"p99 {cuts[98] * 1000:.1f} ms"
 
 
+def histogram_quantiles(metrics: str, name: str, quantiles: tuple[float, ...]) -> list[float]:
+    """Quantiles of a Prometheus histogram in a /metrics text, interpolated linearly within
+    its buckets as Prometheus's histogram_quantile() does (NaN when it holds nothing)."""
+    buckets: list[tuple[float, float]] = []
+    for line in metrics.splitlines():
+        if line.startswith(f'{name}_bucket{{le="'):
+            le = line.split('"')[1]
+            buckets.append((math.inf if le == "+Inf" else float(le), float(line.split()[-1])))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+    found = []
+    for q in quantiles:
+        if not total:
+            found.append(math.nan)
+            continue
+        rank = q * total
+        lower, below = 0.0, 0.0
+        for bound, count in buckets:
+            if count >= rank:
+                if math.isinf(bound):
+                    found.append(lower)
+                else:
+                    inside = count - below
+                    found.append(lower + (bound - lower) * (rank - below) / inside if inside
+                                 else bound)
+                break
+            lower, below = bound, count
+    return found
+
+
 async def _run(session: aiohttp.ClientSession, n: int, concurrency: int,
                request: Any) -> tuple[float, list[float], list[Any]]:
     latencies: list[float] = []
@@ -226,6 +257,8 @@ class Deployment:
     receiver: Receiver
     roles: tuple[str, ...]
     procs: list[subprocess.Popen[bytes]]
+    # /metrics of the process that runs the outbox relay.
+    relay_metrics: str
 
     def pid(self, role: str) -> int:
         return self.procs[self.roles.index(role)].pid
@@ -271,7 +304,10 @@ async def deployment(settings: Settings, latency: str,
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.2)
-        yield Deployment(base, conn, account, receiver, roles, procs)
+        relay_port = env["PAYONCE_RELAY_METRICS_PORT" if relay_apart
+                         else "PAYONCE_PROCESSOR_METRICS_PORT"]
+        yield Deployment(base, conn, account, receiver, roles, procs,
+                         f"http://127.0.0.1:{relay_port}/metrics")
     finally:
         await tear_down(settings, topology, procs, conn, [receiver_runner])
 
@@ -340,9 +376,10 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str,
                 if time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.05)
-            published = {r["id"]: r["published_at"].timestamp() for r in await conn.fetch(
-                "SELECT id, published_at FROM events WHERE account_id = $1 "
-                "AND published_at IS NOT NULL", account["account"])}
+            async with session.get(d.relay_metrics) as resp:
+                relay_lag = histogram_quantiles(await resp.text(),
+                                                "payonce_processor_event_publish_seconds",
+                                                (0.5, 0.95, 0.99))
             dispatcher_cpu_s = _cpu_seconds(dispatcher.pid)
             open_loop = [await _open_loop(headers, base, rate, body) for rate in OPEN_LOOP_RATES]
             peak_rss = {role: _peak_rss_mb(proc.pid) for role, proc in zip(roles, procs,
@@ -356,8 +393,9 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str,
 
     delivered = {i: t for i, t in receiver.first_seen.items() if i in events}
     lags = [t - events[i] for i, t in delivered.items()]
-    relay_lags = [t - events[i] for i, t in published.items()]
     deliver_s = max(delivered.values()) - min(events.values())
+    relay = ', '.join(f'p{q} {v * 1000:.0f} ms' for q, v in zip((50, 95, 99), relay_lag,
+                                                                strict=True))
     deliver_rate = len(delivered) / deliver_s
     cpu = _cpu()
     workers = (f" (the processor as {settings.processor_workers} workers)"
@@ -375,7 +413,7 @@ machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, one
 | read (GET intent) | {n / read_s:.0f}/s | {_percentiles(read_lat)} |
 | deliver (webhooks, {len(delivered)} of {len(events)} events) | {deliver_rate:.0f}/s \
 | lag {_percentiles(lags)} |
-| relay (event committed → published to RabbitMQ) | | lag {_percentiles(relay_lags)} |
+| relay (event written → confirmed by RabbitMQ; the relay's histogram) | | lag {relay} |
 
 CPU per settled payment, from the first POST until all {n} succeeded (/proc; every process
 on the machine with these names, so other load on it counts too):

@@ -63,7 +63,9 @@ WHERE r.payment_intent_id = $1 ORDER BY r.created, r.id
 """
 EVENTS = """
 SELECT e.seq, e.created AS at, e.id, e.type, e.object_id, e.previous_attributes,
-       e.published_at, e.data->>'status' AS status
+       NOT EXISTS (SELECT FROM events_outbox o WHERE o.exchange = e.exchange AND o.seq = e.seq)
+           AS published,
+       e.data->>'status' AS status
 FROM events e WHERE e.object_id = ANY(ARRAY(
     SELECT $1::text UNION ALL SELECT id FROM charges WHERE payment_intent_id = $1
     UNION ALL SELECT id FROM refunds WHERE payment_intent_id = $1))
@@ -179,7 +181,7 @@ def _event(row: Any, intent_id: str) -> list[Entry]:
     found.append(Entry(row["at"], "event", {
         "event": row["id"], "event_type": row["type"], "object_id": row["object_id"],
         "previous_status": previous.get("status"), "status": row["status"],
-        "published": row["published_at"] is not None}, seq=(row["seq"], 1)))
+        "published": row["published"]}, seq=(row["seq"], 1)))
     return found
 
 

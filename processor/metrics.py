@@ -49,6 +49,12 @@ INTENTS_IN_PROGRESS = Gauge(
     "payonce_processor_intents_in_progress", "Intents with commands being applied"
 )
 EVENTS_PUBLISHED = Counter("payonce_processor_events_published_total", "Events relayed")
+EVENT_PUBLISH_SECONDS = Histogram(
+    "payonce_processor_event_publish_seconds",
+    "From an event's write (its `created`, Postgres's clock) to RabbitMQ's confirm of it",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5,
+             10, 30, 60),
+)
 # The gauges below are read from Postgres and RabbitMQ when /metrics is scraped, not kept by
 # the loops they watch: a dead relay cannot freeze its own lag.
 OUTBOX_LAG = Gauge(

@@ -3,9 +3,9 @@
 Events are written in the transaction of the state change that causes them, naming the
 exchange they go to. One relay per exchange holds an advisory lock and publishes them in `seq`
 order, each with its stable id as the message id, in batches, then marks each batch published
-once the broker confirmed it; it reads and sends the next batches while the broker confirms
-(up to IN_FLIGHT at once). A crash between the broker's confirm and the mark publishes those
-events again (at least once); consumers dedupe by id.
+once the broker confirmed it (its rows leave events_outbox); it reads and sends the next
+batches while the broker confirms (up to IN_FLIGHT at once). A crash between the broker's
+confirm and the mark publishes those events again (at least once); consumers dedupe by id.
 
 Events are published mandatory: the broker must route each one to at least one queue (the
 webhook queue, declared in contracts/topology.py, always binds them all). An event that comes
@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 import zlib
 from collections import deque
 from typing import Any
@@ -57,15 +58,17 @@ BATCH = 200
 IN_FLIGHT = 4
 # Not by a cursor on seq: an event whose transaction commits after a later seq was read must
 # still be found.
+# The events not published yet are the ones still in events_outbox (written with each event,
+# ops/migrations/0014_events_outbox.sql).
 UNPUBLISHED = """
-SELECT * FROM events
-WHERE exchange = $1 AND published_at IS NULL AND seq <> ALL($3::bigint[])
-ORDER BY seq LIMIT $2
+SELECT e.* FROM events_outbox o JOIN events e ON e.seq = o.seq
+WHERE o.exchange = $1 AND o.seq <> ALL($3::bigint[])
+ORDER BY o.seq LIMIT $2
 """
-MARK_PUBLISHED = "UPDATE events SET published_at = now() WHERE seq = ANY($1::bigint[])"
+MARK_PUBLISHED = "DELETE FROM events_outbox WHERE exchange = $1 AND seq = ANY($2::bigint[])"
 OLDEST_UNPUBLISHED = """
-SELECT extract(epoch FROM now() - created) FROM events
-WHERE exchange = $1 AND published_at IS NULL ORDER BY seq LIMIT 1
+SELECT extract(epoch FROM now() - e.created) FROM events_outbox o JOIN events e ON e.seq = o.seq
+WHERE o.exchange = $1 ORDER BY o.seq LIMIT 1
 """
 CLOSE_TIMEOUT_S = 5.0
 
@@ -156,14 +159,19 @@ class OutboxRelay:
                 except TimeoutError:
                     self.batch = max(1, self.batch // 2)
                     raise
+                confirmed = time.time()
                 self.batch = min(BATCH, self.batch + max(1, self.batch // 4))
                 # On the channel itself: a robust channel answers a passive declare of a
                 # queue it declared before from its own memory, without asking the broker.
                 underlay = await channel.get_underlay_channel()
                 async with asyncio.timeout(self._timeout_s):
                     await underlay.queue_declare(self._topology.webhooks, passive=True)
-                await conn.execute(MARK_PUBLISHED, [r["seq"] for r in rows])
+                await conn.execute(MARK_PUBLISHED, self._topology.events,
+                                   [r["seq"] for r in rows])
                 metrics.EVENTS_PUBLISHED.inc(len(rows))
+                for row in rows:
+                    metrics.EVENT_PUBLISH_SECONDS.observe(
+                        max(0.0, confirmed - row["created"].timestamp()))
                 loop.beat()
         finally:
             # Batches not confirmed are not marked: they go again in the next round.

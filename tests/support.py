@@ -184,8 +184,8 @@ async def check_events(db: Any, account_id: str, cards: dict[str, str],
     has it."""
     deadline = time.monotonic() + 30
     while await db.fetchval(
-            "SELECT count(*) FROM events WHERE account_id = $1 AND published_at IS NULL",
-            account_id):
+            "SELECT count(*) FROM events e JOIN events_outbox o ON o.seq = e.seq "
+            "WHERE e.account_id = $1", account_id):
         assert time.monotonic() < deadline, "events left unpublished"
         await asyncio.sleep(0.1)
     rows = await db.fetch("SELECT id, type, data FROM events WHERE account_id = $1 ORDER BY seq",

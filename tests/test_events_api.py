@@ -18,7 +18,7 @@ from tests import stripe_schema
 from tests.conftest import Client, Reply, Stack, form
 from tests.support import EXPECTED_EVENTS, VISA
 
-# Events made here name an exchange no relay or dispatcher serves, and are marked published:
+# Events made here name an exchange no relay or dispatcher serves, and leave the outbox at once:
 # nothing but these tests ever reads them.
 EXCHANGE = "payonce_test.events_api"
 # Stripe's Event fields (stripe-python's Event class); `account` and `context` only for Connect.
@@ -28,10 +28,10 @@ ERROR_KEYS = {"type", "code", "decline_code", "message", "param", "doc_url"}
 
 INSERT_EVENTS = """
 INSERT INTO events (id, account_id, type, object_id, data, request_id, idempotency_key,
-                    exchange, created, published_at)
+                    exchange, created)
 SELECT t.id, $1, t.type, t.object_id,
        jsonb_build_object('id', t.object_id, 'object', split_part(t.type, '.', 1)),
-       'req_' || t.n, 'key-' || t.n, $2, t.created, now()
+       'req_' || t.n, 'key-' || t.n, $2, t.created
 FROM unnest($3::text[], $4::text[], $5::text[], $6::timestamptz[])
      WITH ORDINALITY AS t(id, type, object_id, created, n)
 ORDER BY t.n
@@ -46,7 +46,9 @@ async def insert_events(db: Any, account_id: str, types: list[str],
     when = created or [start + timedelta(seconds=i) for i in range(len(types))]
     event_ids = [ids.random_id("evt") for _ in types]
     objects = [ids.random_id("pi") for _ in types]
-    await db.execute(INSERT_EVENTS, account_id, EXCHANGE, event_ids, types, objects, when)
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(INSERT_EVENTS, account_id, EXCHANGE, event_ids, types, objects, when)
+        await conn.execute("DELETE FROM events_outbox WHERE exchange = $1", EXCHANGE)
     return event_ids
 
 

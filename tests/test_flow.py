@@ -205,7 +205,8 @@ async def test_events_are_published_in_order_with_stable_ids(shared: Stack, api:
                                     "charge.failed", "payment_intent.payment_failed"]
     assert len(set(event_ids)) == 8
     stored = await api.db.fetchval(
-        "SELECT count(*) FROM events WHERE account_id = $1 AND published_at IS NOT NULL",
+        "SELECT count(*) FROM events e WHERE e.account_id = $1 AND NOT EXISTS "
+        "(SELECT FROM events_outbox o WHERE o.exchange = e.exchange AND o.seq = e.seq)",
         api.account_id)
     assert stored == 8
 

@@ -13,6 +13,7 @@ import aio_pika
 import aiohttp
 
 from contracts.topology import Topology
+from ops.bench import histogram_quantiles
 from ops.loops import Loop
 from processor.outbox import OutboxRelay
 from tests.conftest import Proc, free_port, make_settings, stack, start_proc
@@ -20,7 +21,7 @@ from tests.support import EventTap
 
 
 async def test_events_wait_for_the_relay_process_then_all_leave(
-        procs: list[Proc], tmp_path: Path) -> None:
+        migrated: None, procs: list[Proc], tmp_path: Path) -> None:
     settings = make_settings(processor_relay=False, relay_metrics_port=free_port())
     async with stack(settings) as s, EventTap(settings).bound() as tap:
         api = await s.client()
@@ -29,10 +30,12 @@ async def test_events_wait_for_the_relay_process_then_all_leave(
         assert created.status == 202
         await api.wait_for(created.body["id"], {"succeeded"})
         rows = await s.db.fetch(
-            "SELECT id, published_at FROM events WHERE account_id = $1", api.account_id)
+            "SELECT e.id, o.seq IS NOT NULL AS waiting FROM events e "
+            "LEFT JOIN events_outbox o ON o.seq = e.seq WHERE e.account_id = $1",
+            api.account_id)
         assert len(rows) == 4
         # The processor runs no relay: its events stay in the outbox.
-        assert all(r["published_at"] is None for r in rows)
+        assert all(r["waiting"] for r in rows)
         assert s.processor is not None
         ready = await s.session.get(f"http://127.0.0.1:{s.processor.port}/ready")
         assert "outbox_relay" not in (await ready.json())["checks"]
@@ -42,8 +45,8 @@ async def test_events_wait_for_the_relay_process_then_all_leave(
         # Marked once RabbitMQ confirmed them, just after they reached the tap.
         deadline = time.monotonic() + 20
         while await s.db.fetchval(
-                "SELECT count(*) FROM events WHERE account_id = $1 AND published_at IS NULL",
-                api.account_id):
+                "SELECT count(*) FROM events e JOIN events_outbox o ON o.seq = e.seq "
+                "WHERE e.account_id = $1", api.account_id):
             assert time.monotonic() < deadline, "events published but never marked"
             await asyncio.sleep(0.05)
         async with aiohttp.ClientSession() as session:
@@ -57,7 +60,22 @@ async def test_events_wait_for_the_relay_process_then_all_leave(
                 text = await resp.text()
                 assert "payonce_processor_events_published_total 4.0" in text
                 assert "payonce_processor_outbox_lag_seconds 0.0" in text
+                # Each event's time from its write to RabbitMQ's confirm, for the lag's
+                # quantiles: they waited for the relay to start, so none took under 5 ms.
+                assert "payonce_processor_event_publish_seconds_count 4.0" in text
+                assert 'payonce_processor_event_publish_seconds_bucket{le="0.005"} 0.0' in text
+        lag = histogram_quantiles(text, "payonce_processor_event_publish_seconds", (0.5, 1.0))
+        assert 0.005 <= lag[0] <= lag[1] <= 60
         assert await relay.sigterm(within_s=20) == 0
+
+
+def test_the_lags_quantiles_are_read_off_the_histogram_as_prometheus_does() -> None:
+    text = "\n".join([
+        'x_bucket{le="0.5"} 0.0', 'x_bucket{le="1.0"} 10.0', 'x_bucket{le="2.0"} 20.0',
+        'x_bucket{le="+Inf"} 20.0', "x_count 20.0", 'y_bucket{le="+Inf"} 0.0'])
+    assert histogram_quantiles(text, "x", (0.25, 0.5, 0.75, 1.0)) == [0.75, 1.0, 1.5, 2.0]
+    nothing = histogram_quantiles(text, "y", (0.5,))
+    assert nothing[0] != nothing[0]  # NaN: no observation
 
 
 class SlowBroker(OutboxRelay):

@@ -15,8 +15,9 @@ async def test_a_payment_told_in_order(api: Client, shared: Stack) -> None:
     intent_id = await create(api, 4321, VISA, confirm_separately=True)
     await api.wait_for(intent_id, ["succeeded"])
     async with asyncio.timeout(20):
-        while await api.db.fetchval("SELECT count(*) FROM events WHERE object_id = $1 AND "
-                                    "published_at IS NULL", intent_id):
+        while await api.db.fetchval(
+                "SELECT count(*) FROM events e JOIN events_outbox o ON o.seq = e.seq "
+                "WHERE e.object_id = $1", intent_id):
             await asyncio.sleep(0.1)
     done = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "ops.cli", "trace", intent_id],

@@ -77,7 +77,7 @@ async def finished(s: Stack, endpoint: str, count: int) -> None:
                                   "WHERE endpoint_id = $1 GROUP BY 1", endpoint)
         unpublished = await s.db.fetchval(
             "SELECT count(*) FROM events e JOIN webhook_endpoints w ON w.account_id = "
-            "e.account_id WHERE w.id = $1 AND e.published_at IS NULL", endpoint)
+            "e.account_id JOIN events_outbox o ON o.seq = e.seq WHERE w.id = $1", endpoint)
         raise AssertionError(f"{exc}: {count} events, deliveries "
                              f"{[tuple(r) for r in states]}, {unpublished} unpublished") from None
 
