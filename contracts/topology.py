@@ -298,6 +298,8 @@ class CommandPublisher:
                     await old.close()
 
     async def publish(self, command: Command, *, timeout_s: float | None = None) -> None:
+        """Returns once the broker confirmed the command, waiting `timeout_s` for it (the
+        publisher's own timeout by default); PublishFailed otherwise."""
         body = command.encode()
         properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
@@ -322,8 +324,7 @@ class CommandPublisher:
             confirmation = await publish_confirmed(
                 self._channel, self._exchange.name,
                 self._topology.routing_key(command.intent_id), body, properties,
-                timeout_s=self._timeout_s if timeout_s is None else min(timeout_s,
-                                                                        self._timeout_s))
+                timeout_s=self._timeout_s if timeout_s is None else timeout_s)
         except aio_pika.exceptions.DeliveryError as exc:
             # A nack: the broker refused the command (e.g. the queue is full).
             raise PublishFailed(f"refused by RabbitMQ: {exc}", maybe_queued=False) from exc

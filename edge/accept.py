@@ -276,7 +276,8 @@ async def _accept(
     failpoints.hit("edge.before_publish")
     request[PUBLISHING] = True
     try:
-        await app[PUBLISHER].publish(command, timeout_s=remaining)
+        await app[PUBLISHER].publish(
+            command, timeout_s=min(remaining, app[SETTINGS].publish_timeout_s))
     except PublishFailed as exc:
         metrics.PUBLISHES.labels(command.TYPE, "unknown" if exc.maybe_queued else "failed").inc()
         metrics.DEPENDENCY_ERRORS.labels("rabbitmq").inc()

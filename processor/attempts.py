@@ -165,6 +165,12 @@ class AttemptRunner:
         self._waiting: dict[str, None] = {}  # insertion-ordered: first kicked, first run
         self._waiting_max = 4 * settings.psp_concurrency
         self._stopping = False
+        # A result is stored before it is published: waiting longer for the broker's confirm
+        # costs only this runner's slot, where giving up publishes it once more to a broker
+        # already slow. So it waits as long as the lease has left after a PSP call, and never
+        # less than any publish.
+        self._confirm_s = max(settings.publish_timeout_s,
+                              settings.psp_lease_s - settings.psp_timeout_s)
         self._claim: Coalescer[str, Any] = Coalescer(self._claim_many)
         self._store: Coalescer[str, Any] = Coalescer(self._store_many)
         self._reported: Coalescer[str, None] = Coalescer(self._report_many)
@@ -242,7 +248,7 @@ class AttemptRunner:
             result = self.result_type.from_json(kept)
         command = self._result_command(attempt, result)
         try:
-            await self._publisher.publish(command)
+            await self._publisher.publish(command, timeout_s=self._confirm_s)
         except PublishFailed as exc:
             log.warning("could not publish psp result; retrying",
                         extra={"ids": {"error": str(exc)}})

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from contracts import ids
+from contracts import ids, topology
+from contracts.commands import ApplyPSPResult
 from tests.conftest import (
     Client,
     Proc,
@@ -144,6 +146,40 @@ async def test_crash_after_the_result_is_published_before_it_is_marked_reported(
         settled = await s.db.fetchrow(
             "SELECT state, locked_until FROM payment_attempts WHERE id = $1", attempt["id"])
         assert (settled["state"], settled["locked_until"]) == ("settled", None)
+
+
+async def test_a_psp_result_waits_for_a_slow_confirm_instead_of_going_again(
+    migrated: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every PSP result's confirm takes longer than a request's publish may wait.
+    settings = make_settings(publish_timeout_s=0.5)
+    sent: list[str] = []
+    real = topology.publish_confirmed
+
+    async def slow(channel: Any, exchange: str, routing_key: str, body: bytes,
+                   properties: Any, *, timeout_s: float) -> Any:
+        if properties.message_type == ApplyPSPResult.TYPE:
+            sent.append(properties.message_id)
+            async with asyncio.timeout(timeout_s):
+                await asyncio.sleep(1.0)
+        return await real(channel, exchange, routing_key, body, properties,
+                          timeout_s=timeout_s)
+
+    monkeypatch.setattr(topology, "publish_confirmed", slow)
+    amounts = Amounts(3)
+    async with stack(settings) as s:
+        api = await s.client()
+        since = await s.db.fetchval("SELECT now()")
+        made = [await create(api, amounts.take(), VISA, confirm_separately=False)
+                for _ in range(3)]
+        intents = await wait_settled(s.db, api.account_id, 3, within_s=30)
+        check_outcomes(intents, dict.fromkeys(made, VISA))
+        await check_ledger(s.db, api.account_id, amounts, since, dict.fromkeys(made, 1))
+        # Each result published once, reported at the first try.
+        assert sorted(sent) == sorted(set(sent)) and len(sent) == 3
+        states = await s.db.fetch("SELECT state, reports FROM payment_attempts "
+                                  "WHERE account_id = $1", api.account_id)
+        assert [tuple(r) for r in states] == [("settled", 0)] * 3
 
 
 async def test_edge_killed_between_publish_and_response(
