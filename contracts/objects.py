@@ -220,10 +220,10 @@ def _payment_method_details(row: Mapping[str, Any], created: int) -> dict[str, A
 
 def charge(row: Mapping[str, Any]) -> dict[str, Any]:
     """A charge. `authorization_code` (the PSP's approval code, top level) is payonce's own;
-    Stripe copies the intent's customer and description onto its charges, which a charge row
-    alone cannot, so they are null here. What an authorization gave back uncaptured (released
-    by a cancel or a partial capture, or reversed) counts as refunded, as at Stripe, and so do
-    refunds pending and succeeded; a failed refund gives its amount back."""
+    its customer and description are its intent's when it was made, as Stripe copies them.
+    What an authorization gave back uncaptured (released by a cancel or a partial capture, or
+    reversed) counts as refunded, as at Stripe, and so do refunds pending and succeeded; a
+    failed refund gives its amount back."""
     created = unix(row["created"])
     refunded = (row.get("amount_released") or 0) + (row.get("amount_refunded") or 0)
     crypto = row["payment_method"] in CRYPTO_METHODS
@@ -243,8 +243,8 @@ def charge(row: Mapping[str, Any]) -> dict[str, Any]:
         "captured": row["amount_captured"] > 0,
         "created": created,
         "currency": row["currency"],
-        "customer": None,
-        "description": None,
+        "customer": row.get("customer"),
+        "description": row.get("description"),
         "disputed": False,
         "failure_balance_transaction": None,
         "failure_code": row.get("failure_code"),

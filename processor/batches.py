@@ -117,15 +117,18 @@ WHERE id IN (SELECT id FROM payment_attempts WHERE id = ANY($1::text[]) AND stat
              ORDER BY id FOR UPDATE)
 RETURNING *
 """
+# With the intent's customer and description, as Stripe copies them onto a charge.
 INSERT_CHARGES = """
 INSERT INTO charges (id, account_id, payment_intent_id, attempt_id, amount, amount_captured,
                      currency, status, payment_method, authorization_code, failure_code,
-                     failure_message, decline_code)
-SELECT i, a, pi, at, amt, cap, cur, st::charge_status, pm, ac, fc, fm, dc
+                     failure_message, decline_code, customer, description)
+SELECT i, a, pi, at, amt, cap, cur, st::charge_status, pm, ac, fc, fm, dc, p.customer,
+       p.description
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
             $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
             $13::text[])
      AS u(i, a, pi, at, amt, cap, cur, st, pm, ac, fc, fm, dc)
+JOIN payment_intents p ON p.id = u.pi
 RETURNING *
 """
 FINISH_INTENTS = """

@@ -63,6 +63,14 @@ async def test_create_then_confirm_succeeds(api: Client) -> None:
     assert charge.body["amount"] == charge.body["amount_captured"] == 2000
     assert charge.body["authorization_code"]
     assert charge.body["payment_intent"] == intent["id"]
+    # Copied from the intent, as Stripe does: in every read of the charge and in its event.
+    copied = {"customer": "cus_123", "description": "two tickets"}
+    assert {k: charge.body[k] for k in copied} == copied
+    read = await api.get(f"/v1/charges/{done['latest_charge']}")
+    assert {k: read.body[k] for k in copied} == copied
+    event = await api.db.fetchval("SELECT data FROM events WHERE object_id = $1 AND type = "
+                                  "'charge.succeeded'", done["latest_charge"])
+    assert {k: event[k] for k in copied} == copied
 
 
 async def test_create_with_confirm_true(api: Client) -> None:
