@@ -56,10 +56,9 @@ BATCH = 200
 # Batches published and not yet confirmed at once: the next one is read and sent while the
 # broker confirms the ones before it.
 IN_FLIGHT = 4
-# Not by a cursor on seq: an event whose transaction commits after a later seq was read must
-# still be found.
 # The events not published yet are the ones still in events_outbox (written with each event,
-# ops/migrations/0014_events_outbox.sql).
+# ops/migrations/0014_events_outbox.sql). Not by a cursor on seq: an event whose transaction
+# commits after a later seq was read must still be found.
 UNPUBLISHED = """
 SELECT e.* FROM events_outbox o JOIN events e ON e.seq = o.seq
 WHERE o.exchange = $1 AND o.seq <> ALL($3::bigint[])
