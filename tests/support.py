@@ -177,15 +177,20 @@ async def check_ledger(db: Any, account_id: str, amounts: Amounts, since: Any,
     return list(attempts)
 
 
+async def unpublished(db: Any, account_id: str) -> int:
+    """The account's events still waiting for the outbox relay."""
+    return int(await db.fetchval(
+        "SELECT count(*) FROM events e JOIN events_outbox o ON o.seq = e.seq "
+        "WHERE e.account_id = $1", account_id))
+
+
 async def check_events(db: Any, account_id: str, cards: dict[str, str],
                        tap: EventTap | None) -> None:
     """Each intent has its created, processing and outcome events, in order, all published
     (and, with a tap, all received from the events exchange), each object as Stripe's schema
     has it."""
     deadline = time.monotonic() + 30
-    while await db.fetchval(
-            "SELECT count(*) FROM events e JOIN events_outbox o ON o.seq = e.seq "
-            "WHERE e.account_id = $1", account_id):
+    while await unpublished(db, account_id):
         assert time.monotonic() < deadline, "events left unpublished"
         await asyncio.sleep(0.1)
     rows = await db.fetch("SELECT id, type, data FROM events WHERE account_id = $1 ORDER BY seq",

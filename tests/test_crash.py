@@ -21,6 +21,7 @@ from contracts.commands import ApplyPSPResult
 from tests.conftest import (
     Client,
     Proc,
+    Stack,
     form,
     free_port,
     make_settings,
@@ -88,6 +89,19 @@ async def test_kill_9_mid_flight_loses_nothing(
         await check_events(s.db, api.account_id, cards, tap)
 
 
+async def pay_into_a_crash(s: Stack, api: Client, procs: list[Proc], tmp_path: Path,
+                           amounts: Amounts, failpoint: str) -> tuple[str, Any]:
+    """One payment to a processor that exits at `failpoint`: its intent, and its attempt
+    (with `leased`) as the crash left it."""
+    doomed = await start_processor(s.settings, procs, tmp_path, PAYONCE_FAILPOINTS=failpoint)
+    intent_id = await create(api, amounts.take(), VISA, confirm_separately=False)
+    assert await doomed.wait_exit(20) == 137
+    attempt = await s.db.fetchrow(
+        "SELECT *, locked_until > now() AS leased FROM payment_attempts "
+        "WHERE payment_intent_id = $1", intent_id)
+    return intent_id, attempt
+
+
 async def test_crash_after_psp_charged_before_recorded(
     migrated: None, procs: list[Proc], tmp_path: Path
 ) -> None:
@@ -97,13 +111,9 @@ async def test_crash_after_psp_charged_before_recorded(
     async with stack(settings, processor=False) as s:
         api = await s.client()
         since = await s.db.fetchval("SELECT now()")
-        doomed = await start_processor(settings, procs, tmp_path,
-                                       PAYONCE_FAILPOINTS="processor.after_psp_call")
-        intent_id = await create(api, amounts.take(), VISA, confirm_separately=False)
-        assert await doomed.wait_exit(20) == 137
+        intent_id, attempt = await pay_into_a_crash(s, api, procs, tmp_path, amounts,
+                                                    "processor.after_psp_call")
         # The PSP charged; payonce recorded nothing of it.
-        attempt = await s.db.fetchrow(
-            "SELECT * FROM payment_attempts WHERE payment_intent_id = $1", intent_id)
         assert attempt["result"] is None and attempt["state"] == "pending"
         charged = await s.db.fetchrow("SELECT * FROM psp.charges WHERE idempotency_key = $1",
                                       attempt["psp_key"])
@@ -129,13 +139,8 @@ async def test_crash_after_the_result_is_published_before_it_is_marked_reported(
     async with stack(settings, processor=False) as s:
         api = await s.client()
         since = await s.db.fetchval("SELECT now()")
-        doomed = await start_processor(settings, procs, tmp_path,
-                                       PAYONCE_FAILPOINTS="processor.after_result_published")
-        intent_id = await create(api, amounts.take(), VISA, confirm_separately=False)
-        assert await doomed.wait_exit(20) == 137
-        attempt = await s.db.fetchrow(
-            "SELECT *, locked_until > now() AS leased FROM payment_attempts "
-            "WHERE payment_intent_id = $1", intent_id)
+        intent_id, attempt = await pay_into_a_crash(s, api, procs, tmp_path, amounts,
+                                                    "processor.after_result_published")
         assert attempt["result"] is not None and attempt["leased"]
 
         await start_processor(settings, procs, tmp_path)

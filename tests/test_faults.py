@@ -41,6 +41,7 @@ from tests.support import (
     Amounts,
     check_ledger,
     check_outcomes,
+    unpublished,
     wait_settled,
 )
 
@@ -251,8 +252,7 @@ async def events_delivered(f: Faulty, intents: dict[str, Any]) -> None:
     """Every event of the account published, each intent's in order, and each one in the
     webhook queue (the durable queue every event must reach)."""
     async with asyncio.timeout(60):
-        while await f.db.fetchval("SELECT count(*) FROM events e JOIN events_outbox o "
-                                  "ON o.seq = e.seq WHERE e.account_id = $1", f.api.account_id):
+        while await unpublished(f.db, f.api.account_id):
             await asyncio.sleep(0.1)
     rows = await f.db.fetch("SELECT id, type, object_id, data FROM events "
                             "WHERE account_id = $1 ORDER BY seq", f.api.account_id)

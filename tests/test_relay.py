@@ -17,7 +17,7 @@ from ops.bench import histogram_quantiles
 from ops.loops import Loop
 from processor.outbox import OutboxRelay
 from tests.conftest import Proc, free_port, make_settings, stack, start_proc
-from tests.support import EventTap
+from tests.support import EventTap, unpublished
 
 
 async def test_events_wait_for_the_relay_process_then_all_leave(
@@ -44,9 +44,7 @@ async def test_events_wait_for_the_relay_process_then_all_leave(
         await tap.receive({r["id"] for r in rows})
         # Marked once RabbitMQ confirmed them, just after they reached the tap.
         deadline = time.monotonic() + 20
-        while await s.db.fetchval(
-                "SELECT count(*) FROM events e JOIN events_outbox o ON o.seq = e.seq "
-                "WHERE e.account_id = $1", api.account_id):
+        while await unpublished(s.db, api.account_id):
             assert time.monotonic() < deadline, "events published but never marked"
             await asyncio.sleep(0.05)
         async with aiohttp.ClientSession() as session:
