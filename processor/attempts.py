@@ -93,7 +93,8 @@ WHERE t.id = u.i AND t.id IN ({ordered(table)})
 RETURNING t.id, t.result
 """,
             reported=f"""
-UPDATE {table} SET {state} = 'reported', locked_until = NULL, updated_at = now()
+UPDATE {table}
+SET {state} = 'reported', locked_until = NULL, reported_at = now(), updated_at = now()
 WHERE id IN ({ordered(table, f"{pending} AND {reported_if}" if reported_if else pending)})
 """,
             retry_later=f"""
@@ -110,7 +111,8 @@ SET {state} = 'pending', reports = reports + 1, locked_until = NULL, next_try_at
 WHERE id IN (
     SELECT id FROM {table}
     WHERE commands_exchange = $1 AND {state} = 'reported' AND reports < $2
-      AND updated_at < now() - make_interval(secs => $3 * power(2, reports))
+      AND coalesce(reported_at, updated_at)
+          < now() - make_interval(secs => $3 * power(2, reports))
     LIMIT $4
     FOR UPDATE SKIP LOCKED)
 RETURNING id
