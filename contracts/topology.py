@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -215,6 +216,37 @@ async def delete(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> N
         await channel.exchange_delete(exchange.name)
 
 
+@contextlib.asynccontextmanager
+async def opened_channel(
+    connection: aio_pika.abc.AbstractRobustConnection, timeout_s: float, *,
+    prefetch: int | None = None,
+) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """A channel of `connection` (with publisher confirms; `prefetch`: its QoS), for one run
+    of a loop that consumes or publishes, closed when the run ends. Opening and closing are
+    each bounded by `timeout_s`: a channel opened while the connection comes back, or closed
+    over a dead one, can wait for ever, and the loop would stall instead of starting over."""
+    channel: aio_pika.abc.AbstractChannel | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            channel = await connection.channel()
+            if prefetch is not None:
+                await channel.set_qos(prefetch_count=prefetch)
+        yield channel
+    finally:
+        if channel is not None:
+            await close_quietly(channel.close, timeout_s)
+
+
+async def close_quietly(close: Callable[[], Awaitable[Any]], timeout_s: float) -> None:
+    """Close something a loop is done with, within `timeout_s`. A close that fails or times
+    out is only logged: what it closes is gone either way, and the loop goes on."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await close()
+    except Exception as exc:
+        log.debug("close failed", extra={"ids": {"error": repr(exc)}})
+
+
 class TopologyMismatch(Exception):
     """A queue exists with arguments payonce cannot use; only an operator can replace it."""
 
@@ -293,9 +325,7 @@ class CommandPublisher:
             log.warning("publisher channel closed; a new one is open")
             old, self._channel, self._exchange = self._channel, channel, None
             # Closed on purpose, so it is not brought back beside the new one.
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self._timeout_s):
-                    await old.close()
+            await close_quietly(old.close, self._timeout_s)
 
     async def publish(self, command: Command, *, timeout_s: float | None = None) -> None:
         """Returns once the broker confirmed the command, waiting `timeout_s` for it (the

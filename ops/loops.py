@@ -107,3 +107,18 @@ def _expected(exc: BaseException) -> bool:
     return is_transient(exc) or isinstance(
         exc, ConnectionError | RedisError | aiormq.exceptions.AMQPError
         | aiormq.exceptions.ChannelInvalidStateError)
+
+
+# A dependency that is down must not hold a process that is stopping: it is going anyway.
+CLOSE_TIMEOUT_S = 5.0
+
+
+async def close_all(closers: list[Callable[[], Awaitable[object]]]) -> None:
+    """Close what a process opened for its loops, the last opened first, each within
+    CLOSE_TIMEOUT_S. A close that fails is logged, and the others still run."""
+    for close in reversed(closers):
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await close()
+        except Exception as exc:
+            log.warning("close failed", extra={"ids": {"error": repr(exc)}})

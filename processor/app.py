@@ -24,7 +24,7 @@ from contracts.pending import PendingCommands
 from contracts.topology import CommandPublisher, Topology, declare
 from ops.cache import redis_client
 from ops.health import metrics_response, readiness, serve
-from ops.loops import Loop
+from ops.loops import Loop, close_all
 from ops.postgres import Database, create_pool
 from ops.settings import Settings
 from processor import metrics
@@ -44,7 +44,6 @@ QUEUE_FOR_CONNECTION_S = 60.0
 # A worker attaches to the other workers' partitions this long after its own: time for them
 # to start and be first on theirs.
 STANDBY_AFTER_S = 5.0
-CLOSE_TIMEOUT_S = 5.0
 # Far longer than any PSP call with its retries, far shorter than a person would wait.
 STUCK_AFTER_S = 300
 STUCK_INTENTS = """
@@ -224,11 +223,5 @@ class Processor:
         await asyncio.gather(*(loop.stop() for loop in self._loops))
         if self._runner is not None:
             await self._runner.cleanup()
-        for close in reversed(self._closers):
-            try:
-                # A dependency that is down must not hold the process: it is going anyway.
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await close()
-            except Exception as exc:
-                log.warning("close failed", extra={"ids": {"error": repr(exc)}})
+        await close_all(self._closers)
         log.info("processor stopped")

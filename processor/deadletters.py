@@ -18,7 +18,7 @@ import aio_pika
 
 from contracts.commands import ClientCommand, CommandDecodeError, decode
 from contracts.pending import PendingCommands
-from contracts.topology import Topology
+from contracts.topology import Topology, opened_channel
 from ops.loops import Loop
 from processor import metrics
 
@@ -41,26 +41,14 @@ class DeadLetterWatcher:
 
     async def run(self, loop: Loop) -> None:
         """The watcher's body (ops.loops.Loop): consume until the channel closes."""
-        channel: aio_pika.abc.AbstractChannel | None = None
-        try:
-            # Bounded: a channel opened while the connection comes back can wait for ever, and
-            # the loop would stall instead of starting over.
+        async with opened_channel(self._amqp, CHECK_S * 5, prefetch=50) as channel:
             async with asyncio.timeout(CHECK_S * 5):
-                channel = await self._amqp.channel()
-                await channel.set_qos(prefetch_count=50)
                 queue = await channel.get_queue(self._queue_name, ensure=True)
                 await queue.consume(self._on_message)
             while not channel.is_closed:
                 loop.beat()
                 await asyncio.sleep(CHECK_S)
             raise ConnectionError("the dead-letter watcher's channel closed")
-        finally:
-            if channel is not None:
-                try:
-                    async with asyncio.timeout(CHECK_S * 5):
-                        await channel.close()
-                except Exception as exc:
-                    log.debug("close failed", extra={"ids": {"error": repr(exc)}})
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         headers: dict[str, Any] = dict(message.headers or {})

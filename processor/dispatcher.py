@@ -13,7 +13,7 @@ from aiohttp import web
 
 from contracts.topology import Topology, declare_events
 from ops.health import metrics_response, readiness, serve
-from ops.loops import Loop
+from ops.loops import Loop, close_all
 from ops.postgres import Database, create_pool
 from ops.settings import Settings
 from processor.webhook_client import WebhookClient
@@ -97,9 +97,5 @@ class Dispatcher:
         await settler.stop()
         if self._runner is not None:
             await self._runner.cleanup()
-        for close in reversed(self._closers):
-            try:
-                await close()
-            except Exception as exc:
-                log.warning("close failed", extra={"ids": {"error": repr(exc)}})
+        await close_all(self._closers)
         log.info("dispatcher stopped")

@@ -43,9 +43,16 @@ from aiohttp import web
 from pamqp.commands import Basic
 
 from contracts import objects
-from contracts.topology import PERSISTENT, Topology, declare_events, publish_confirmed
+from contracts.topology import (
+    PERSISTENT,
+    Topology,
+    close_quietly,
+    declare_events,
+    opened_channel,
+    publish_confirmed,
+)
 from ops.health import metrics_response, readiness, serve
-from ops.loops import Loop
+from ops.loops import Loop, close_all
 from ops.postgres import Database, connect, create_pool
 from ops.settings import Settings
 from processor import metrics
@@ -69,7 +76,6 @@ OLDEST_UNPUBLISHED = """
 SELECT extract(epoch FROM now() - e.created) FROM events_outbox o JOIN events e ON e.seq = o.seq
 WHERE o.exchange = $1 ORDER BY o.seq LIMIT 1
 """
-CLOSE_TIMEOUT_S = 5.0
 
 
 def stale_after_s(settings: Settings) -> float:
@@ -119,13 +125,14 @@ class OutboxRelay:
         """The relay's body: returns or raises only when it must start over."""
         conn = await connect(self._database_url, timeout_s=self._timeout_s)
         try:
-            # Bounded, as every call to the broker here: a channel opened while the connection
-            # comes back can wait for ever, and the loop would stall instead of starting over.
-            async with asyncio.timeout(self._timeout_s):
-                channel = await self._amqp.channel(publisher_confirms=True)
-        except BaseException:
-            await conn.close(timeout=self._timeout_s)
-            raise
+            async with opened_channel(self._amqp, self._timeout_s) as channel:
+                await self._relay(loop, conn, channel)
+        finally:
+            # Closing over a dead connection must not hang the loop.
+            await close_quietly(lambda: conn.close(timeout=self._timeout_s), self._timeout_s)
+
+    async def _relay(self, loop: Loop, conn: Any,
+                     channel: aio_pika.abc.AbstractChannel) -> None:
         in_flight: deque[tuple[list[Any], asyncio.Task[None]]] = deque()
         try:
             await conn.add_listener("payonce_events", lambda *_: self._wake.set())
@@ -178,13 +185,6 @@ class OutboxRelay:
                 publishing.cancel()
             if in_flight:
                 await asyncio.gather(*(p for _, p in in_flight), return_exceptions=True)
-            # Closing over a dead connection must not hang the loop.
-            for close in (channel.close, lambda: conn.close(timeout=self._timeout_s)):
-                try:
-                    async with asyncio.timeout(self._timeout_s):
-                        await close()
-                except Exception as exc:
-                    log.debug("close failed", extra={"ids": {"error": repr(exc)}})
 
     async def _idle(self) -> None:
         """Wait for new events or the poll interval."""
@@ -264,10 +264,5 @@ class RelayService:
         await self.loop.stop()
         if self._runner is not None:
             await self._runner.cleanup()
-        for close in reversed(self._closers):
-            try:
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await close()
-            except Exception as exc:
-                log.warning("close failed", extra={"ids": {"error": repr(exc)}})
+        await close_all(self._closers)
         log.info("relay stopped")

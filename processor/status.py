@@ -27,7 +27,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from contracts import status
-from contracts.topology import Topology, declare_events
+from contracts.topology import Topology, declare_events, opened_channel
 from ops.loops import Loop
 from processor import metrics
 
@@ -55,14 +55,10 @@ class StatusFanout:
 
     async def run(self, loop: Loop) -> None:
         """The fan-out's body: returns or raises only when it must start over."""
-        channel: aio_pika.abc.AbstractChannel | None = None
         delivered: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
-        try:
-            # Bounded, as every call to the broker here: a channel opened while the connection
-            # comes back can wait for ever, and the loop would stall instead of starting over.
+        async with opened_channel(self._amqp, BROKER_TIMEOUT_S, prefetch=PREFETCH) as channel:
+            # Bounded, as every call to the broker here.
             async with asyncio.timeout(BROKER_TIMEOUT_S):
-                channel = await self._amqp.channel()
-                await channel.set_qos(prefetch_count=PREFETCH)
                 # A queue deleted by an operator comes back with its binding.
                 await declare_events(channel, self._topology)
                 queue = await channel.get_queue(self._topology.status)
@@ -83,13 +79,6 @@ class StatusFanout:
                 async with asyncio.timeout(BROKER_TIMEOUT_S):
                     await batch[-1].ack(multiple=True)
                 loop.beat()
-        finally:
-            if channel is not None:
-                try:
-                    async with asyncio.timeout(BROKER_TIMEOUT_S):
-                        await channel.close()
-                except Exception as exc:
-                    log.debug("close failed", extra={"ids": {"error": repr(exc)}})
 
     async def _publish(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -32,7 +32,7 @@ import aio_pika
 import orjson
 
 from contracts import ids
-from contracts.topology import Topology, declare_events
+from contracts.topology import Topology, declare_events, opened_channel
 from contracts.webhooks import receives
 from ops.loops import Loop
 from ops.postgres import Database, is_transient
@@ -120,19 +120,14 @@ class Intake:
 
     async def run(self, loop: Loop) -> None:
         """The intake's body (ops.loops.Loop): consume until the channel closes."""
-        channel: aio_pika.abc.AbstractChannel | None = None
         self._acks = Acks()
         inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
 
         async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             inbox.put_nowait(message)
 
-        try:
-            # Bounded: a channel opened while the connection comes back can wait for ever, and
-            # the loop would stall instead of starting over.
+        async with opened_channel(self._amqp, ACK_TIMEOUT_S, prefetch=PREFETCH) as channel:
             async with asyncio.timeout(ACK_TIMEOUT_S):
-                channel = await self._amqp.channel()
-                await channel.set_qos(prefetch_count=PREFETCH)
                 # Declared again here, so a queue deleted by an operator comes back.
                 await declare_events(channel, self._topology)
                 queue = await channel.get_queue(self._topology.webhooks)
@@ -144,13 +139,6 @@ class Intake:
                 if batch:
                     await self._take(batch)
                 loop.beat()
-        finally:
-            if channel is not None:
-                try:
-                    async with asyncio.timeout(ACK_TIMEOUT_S):
-                        await channel.close()
-                except Exception as exc:
-                    log.debug("close failed", extra={"ids": {"error": repr(exc)}})
 
     async def _take(self, batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
         """Collected → recorded in one transaction → acked."""
