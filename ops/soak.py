@@ -3,9 +3,15 @@
 Starts the same deployment as `make bench` (ops/bench.py) and sends POST /v1/payment_intents
 with confirm=true at a fixed rate on a schedule (open loop: a slow answer does not slow the
 senders), for `--minutes`. Every minute it prints the accept latency of that minute, the
-answers that were not 202, how many payments are still unsettled, and the resident memory
-(VmRSS) of each payonce process; at the end, whether accept p99 and each RSS stayed flat from
-the 5th minute on (the first minutes warm caches and pools). Not in the test suite.
+answers that were not 202, how many payments are still unsettled, the CPU time of that minute
+(every process, from /proc, as `make bench` reads it) per POST accepted, and the resident memory
+(VmRSS) of each payonce process; at the end, the CPU per POST of each process over the whole
+run, and whether accept p99 and each RSS stayed flat from the 5th minute on (the first minutes
+warm caches and pools). Not in the test suite.
+
+At a fixed rate below the full one, commands, results and events come a few at a time, so the
+batches are small and a payment costs more CPU than under `make bench`, which keeps the
+processes saturated.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import uuid
 
 import aiohttp
 
-from ops.bench import BODY, deployment
+from ops.bench import BODY, CPUMeter, deployment
 from ops.settings import Settings
 
 WARM_UP_MINUTES = 5
@@ -68,8 +74,11 @@ async def soak(settings: Settings, rate: int, minutes: int, latency: str) -> Non
 
             print(f"soak: {rate} POST/s for {minutes} min, PSP latency {latency} ms\n")
             print("| minute | accepted | accept p50 | accept p99 | not 202 | unsettled | "
-                  + " | ".join(f"{r} RSS" for r in d.roles) + " |")
-            print("|---" * (6 + len(d.roles)) + "|", flush=True)
+                  "CPU per POST | " + " | ".join(f"{r} RSS" for r in d.roles) + " |")
+            print("|---" * (7 + len(d.roles)) + "|", flush=True)
+            meter = CPUMeter({role: d.pid(role) for role in d.roles})
+            spent: dict[str, float] = {}
+            accepted = 0
             begin = time.perf_counter()
             sent = 0
             for minute in range(1, minutes + 1):
@@ -88,12 +97,20 @@ async def soak(settings: Settings, rate: int, minutes: int, latency: str) -> Non
                     "SELECT count(*) FROM payment_intents WHERE account_id = $1 "
                     "AND status <> 'succeeded'", d.account["account"])
                 rss = {role: _rss_mb(d.pid(role)) for role in d.roles}
+                total = meter.since_start()
+                minute_cpu = sum(total.values()) - sum(spent.values())
+                spent = total
+                accepted += len(taken)
                 row = (minute, _p(taken, 50), _p(taken, 99), failed, unsettled, rss)
                 rows.append((len(taken), *row[1:3], failed, unsettled, rss))
                 print(f"| {minute} | {len(taken)} | {row[1]:.1f} ms | {row[2]:.1f} ms | {failed} "
-                      f"| {unsettled} | " + " | ".join(f"{mb:.0f} MB" for mb in rss.values())
-                      + " |", flush=True)
+                      f"| {unsettled} | {minute_cpu * 1000 / max(1, len(taken)):.2f} ms | "
+                      + " | ".join(f"{mb:.0f} MB" for mb in rss.values()) + " |", flush=True)
             await asyncio.gather(*tasks)
+    print(f"\nCPU per POST accepted over the {minutes} min, each process: "
+          + ", ".join(f"{name} {cpu * 1000 / max(1, accepted):.2f} ms"
+                      for name, cpu in spent.items())
+          + f"; total {sum(spent.values()) * 1000 / max(1, accepted):.2f} ms")
     if minutes > WARM_UP_MINUTES:
         first, last = rows[WARM_UP_MINUTES - 1], rows[-1]
         verdicts = [f"accept p99 {first[2]:.1f} → {last[2]:.1f} ms"

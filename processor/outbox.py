@@ -60,6 +60,10 @@ from processor import metrics
 log = logging.getLogger(__name__)
 
 BATCH = 200
+# An idle relay woken by a new event waits this long before it reads: the events committed
+# meanwhile go in the same batch. Below the full rate they come one transaction at a time, and
+# every batch costs the same round trips (read, publish, confirm, delete) whatever its size.
+LINGER_S = 0.02
 # Batches published and not yet confirmed at once: the next one is read and sent while the
 # broker confirms the ones before it.
 IN_FLIGHT = 4
@@ -195,6 +199,8 @@ class OutboxRelay:
                 await self._wake.wait()
         except TimeoutError:
             pass
+        else:
+            await asyncio.sleep(LINGER_S)
         self._wake.clear()
 
     async def _publish(self, channel: aio_pika.abc.AbstractChannel,

@@ -89,6 +89,10 @@ LOOK_AHEAD = 4
 LOOK_SLOTS = 64
 MAX_LOOK = 5000
 SETTLE_BATCH = 500
+# The settler, woken by an outcome, waits this long before it writes: the outcomes that come
+# meanwhile go in the same batch. Below the full rate attempts end one at a time, and each
+# batch costs a transaction whatever its size; a chain's next attempt waits for the write.
+SETTLE_LINGER_S = 0.02
 # The settler checks for work (and beats) at least this often.
 CHECK_S = 1.0
 # Jitter spreads the retries of many deliveries that failed together (an endpoint down).
@@ -645,6 +649,8 @@ class Deliverer:
         again."""
         while True:
             await wait(self._settle_wake, CHECK_S)
+            if self._settles:
+                await asyncio.sleep(SETTLE_LINGER_S)
             self._settle_wake.clear()
             while self._settles:
                 batch = self._settles[:SETTLE_BATCH]
