@@ -101,16 +101,6 @@ def _service_pids() -> dict[str, list[int]]:
     return found
 
 
-def _cpu_of(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            total += _cpu_seconds(pid)
-        except OSError:  # exited meanwhile (a PostgreSQL backend)
-            pass
-    return total
-
-
 def _with_children(pid: int) -> list[int]:
     """The process and its children: a supervisor's workers (`--workers N`) count as its
     own."""
@@ -141,22 +131,33 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 class CPUMeter:
-    """CPU seconds of every process that works on a payment, from /proc, between two reads.
-    PostgreSQL backends come and go: the ones that ended in between are not counted, so its
-    figure is a floor (the bench keeps its connections open, as the processes do)."""
+    """CPU seconds of every process that works on a payment, from /proc, since the meter was
+    made. PostgreSQL backends come and go (a pool closes the ones idle for a while): one that
+    ended counts up to the last time it was read, so read often (`sample`) over a long run;
+    the PostgreSQL figure is a floor."""
 
     def __init__(self, payonce: dict[str, int]) -> None:
         self.payonce = payonce
-        self.start = self._read()
+        self._last: dict[str, dict[int, float]] = {}
+        self.sample()
+        self._start = {pid: cpu for seen in self._last.values() for pid, cpu in seen.items()}
 
-    def _read(self) -> dict[str, float]:
-        readings = {role: _cpu_of(_with_children(pid)) for role, pid in self.payonce.items()}
-        readings.update({name: _cpu_of(pids) for name, pids in _service_pids().items()})
-        return readings
+    def sample(self) -> None:
+        """Read every process now."""
+        found = {role: _with_children(pid) for role, pid in self.payonce.items()}
+        found.update(_service_pids())
+        for name, pids in found.items():
+            seen = self._last.setdefault(name, {})
+            for pid in pids:
+                try:
+                    seen[pid] = _cpu_seconds(pid)
+                except OSError:  # exited meanwhile (a PostgreSQL backend)
+                    pass
 
     def since_start(self) -> dict[str, float]:
-        now = self._read()
-        return {name: now[name] - self.start.get(name, 0.0) for name in now}
+        self.sample()
+        return {name: sum(cpu - self._start.get(pid, 0.0) for pid, cpu in seen.items())
+                for name, seen in self._last.items()}
 
 
 class Receiver:

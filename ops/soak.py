@@ -30,6 +30,9 @@ from ops.settings import Settings
 WARM_UP_MINUTES = 5
 # "Flat": the last minute within this factor of the first minute after the warm-up.
 FLAT_RATIO = 1.5
+# How often the CPU of every process is read: a PostgreSQL backend that a pool closes counts
+# up to its last reading.
+SAMPLE_S = 5.0
 
 
 def _rss_mb(pid: int) -> float:
@@ -79,11 +82,14 @@ async def soak(settings: Settings, rate: int, minutes: int, latency: str) -> Non
             meter = CPUMeter({role: d.pid(role) for role in d.roles})
             spent: dict[str, float] = {}
             accepted = 0
-            begin = time.perf_counter()
+            begin = sampled = time.perf_counter()
             sent = 0
             for minute in range(1, minutes + 1):
                 end = begin + minute * 60
                 while (now := time.perf_counter()) < end:
+                    if now - sampled >= SAMPLE_S:
+                        meter.sample()
+                        sampled = now
                     due = begin + sent / rate
                     if due > now:
                         await asyncio.sleep(due - now)
