@@ -399,8 +399,10 @@ async def bench(settings: Settings, n: int, concurrency: int, latency: str,
                                                                 strict=True))
     deliver_rate = len(delivered) / deliver_s
     cpu = _cpu()
-    workers = (f" (the processor as {settings.processor_workers} workers)"
-               if settings.processor_workers > 1 else "")
+    as_workers = [f"the {role} as {count} workers" for role, count in
+                  (("edge", settings.edge_workers), ("processor", settings.processor_workers))
+                  if count > 1]
+    workers = f" ({', '.join(as_workers)})" if as_workers else ""
     print(f"""
 payonce benchmark: {n} payments, {concurrency} concurrent clients, PSP latency {latency} ms
 machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, one process each of
