@@ -19,7 +19,7 @@ from aiohttp import web
 
 from contracts.topology import TopologyMismatch
 from edge.app import create_app
-from ops import dashboard, definitions, logs, trace, workers
+from ops import dashboard, definitions, logs, memory, trace, workers
 from ops.accounts import create_account
 from ops.deadletters import list_dead, replay_dead
 from ops.listen import Listener, ListenError, listen
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         # A developer at a terminal reads text; everything else gets JSON lines.
         human = args.command in ("dev", "listen") and "PAYONCE_LOG_FORMAT" not in os.environ
         logs.setup("text" if human else settings.log_format, settings.log_level)
+        if args.command in ("edge", "processor", "dispatcher", "relay", "dev"):
+            memory.fix_malloc_thresholds()
         if args.command == "edge" and settings.edge_workers > 1:
             settings.secret_bytes  # noqa: B018  (a clear error before anything starts)
             passed = [a for flag, value in (("--host", args.host), ("--port", args.port))
