@@ -26,6 +26,10 @@ DELIVERIES = Counter(
     "answered 410), abandoned (the endpoint was disabled or deleted)",
     ["outcome"],
 )
+# Exported at 0 from the start, so a dashboard's rate of failed deliveries reads 0 rather
+# than no data until the first one fails.
+for _outcome in ("succeeded", "failed", "gone", "abandoned"):
+    DELIVERIES.labels(_outcome)
 RETRIES_SCHEDULED = Counter(
     "payonce_dispatcher_retries_scheduled_total", "Failed attempts with another one scheduled"
 )
