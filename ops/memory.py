@@ -4,10 +4,10 @@ glibc's malloc serves a large block (128 KiB or more, at first) with a mapping o
 unmapped when freed. But each time it frees such a block, it raises that threshold to the
 block's size, and the heap's trim threshold to twice that, up to 32 MiB (mallopt(3), "dynamic
 mmap threshold"). From then on, blocks of those sizes (a batch's query results, a burst of
-messages) come from the heap, and the heap goes back to the system only when that much is
-free at its top, which a long-lived small block above them prevents. Under a steady load the
-processor's RSS rose that way for as long as it ran (about 0.4 MB a minute at 50 POST/s, for
-30 minutes), its heap growing while what Python itself held (tracemalloc) stayed flat.
+messages) come from the heap, and the heap goes back to the system only from its top, once
+that much is free there. Under a steady load the processor's RSS rose that way for as long as
+it ran (about 0.4 MB a minute at 50 POST/s, for 30 minutes), its heap growing while what
+Python itself held (tracemalloc) stayed flat.
 
 Setting either threshold turns the adjustment off; both are set to glibc's initial values,
 so large blocks keep their own mappings and the heap is trimmed as it was at the start.
