@@ -3,12 +3,14 @@
 A confirm commits `processing` and a pending attempt. The attempt is then run here, under a
 lease in Postgres: the PSP is called with the attempt's own idempotency key (retried with the
 same key on errors and timeouts, so the PSP charges at most once), the answer is stored on the
-attempt, and published as an ApplyPSPResult command on the intent's partition, where it is
-applied in order with anything else the client sent meanwhile. A processor that dies mid-way
-leaves the lease to expire; the sweeper of any processor then resumes the attempt.
+attempt as it is marked reported (one statement), then published as an ApplyPSPResult command
+on the intent's partition, where it is applied in order with anything else the client sent
+meanwhile. A processor that dies before the answer is stored leaves the lease to expire; the
+sweeper of any processor then resumes the attempt.
 
-A result reported but never applied (its command dead-lettered, or lost with a broker's data)
-would leave its intent `processing` forever: the sweeper reports it again after
+A result reported but never applied (its command dead-lettered, lost with a broker's data, or
+never published because its runner died after storing it) would leave its intent
+`processing` forever: the sweeper reports it again after
 `psp_report_timeout_s`, then after twice that, and so on, MAX_REPORTS times (applying a result
 is idempotent). Past that, the intent waits for an operator, and the stuck-intents gauge says so.
 
@@ -50,22 +52,21 @@ class LeaseSQL:
 
     claim: str
     renew: str
-    store_result: str
-    reported: str
+    report: str
+    unreport: str
     retry_later: str
     release: str
     rereport: str
     due: str
 
     @classmethod
-    def for_table(cls, table: str, state: str = "state", *, renew_counts_a_try: bool = True,
-                  reported_if: str = "") -> LeaseSQL:
+    def for_table(cls, table: str, state: str = "state", *,
+                  renew_counts_a_try: bool = True) -> LeaseSQL:
         """The statements for `table`, whose `state` column reads pending, reported or
-        settled. `renew_counts_a_try`: a renewed lease counts as one more try. `reported_if`:
-        a further condition for marking a row reported.
+        settled. `renew_counts_a_try`: a renewed lease counts as one more try.
 
-        Claims, results and reports of rows running at the same time go to Postgres together,
-        one statement each (processor/batches.py, Coalescer), and a batch of commands settles
+        Claims and reports of rows running at the same time go to Postgres together, one
+        statement each (processor/batches.py, Coalescer), and a batch of commands settles
         many rows in one statement (processor/batches.py, processor/lifecycle.py). Every
         statement that may wait on several rows locks them in id order (`ordered`): in any
         other order two of them can each hold a row the other waits for, a deadlock that
@@ -84,18 +85,25 @@ RETURNING *
 UPDATE {table} SET locked_until = now() + make_interval(secs => $2){tries}, updated_at = now()
 WHERE id = $1
 """,
-            # A concurrent runner may have stored a result first: the stored one is kept and
-            # returned.
-            store_result=f"""
-UPDATE {table} t SET result = COALESCE(t.result, u.r), updated_at = now()
+            # Stores the answer and marks the row reported before its command is published:
+            # from then on the sweep's report timeout covers it, whether the publish goes
+            # through or the runner dies first. A result stored earlier (by a runner that died
+            # before it could report it) is kept and returned. A row that is not pending any
+            # more was reported by another runner and is left out of the answer.
+            report=f"""
+UPDATE {table} t
+SET result = COALESCE(t.result, u.r), {state} = 'reported', locked_until = NULL,
+    reported_at = now(), updated_at = now()
 FROM unnest($1::text[], $2::jsonb[]) AS u(i, r)
-WHERE t.id = u.i AND t.id IN ({ordered(table)})
+WHERE t.id = u.i AND t.id IN ({ordered(table, pending)})
 RETURNING t.id, t.result
 """,
-            reported=f"""
+            # A publish that failed: due again after $2 s, unless its command was applied
+            # meanwhile (a confirm lost after the broker took the message).
+            unreport=f"""
 UPDATE {table}
-SET {state} = 'reported', locked_until = NULL, reported_at = now(), updated_at = now()
-WHERE id IN ({ordered(table, f"{pending} AND {reported_if}" if reported_if else pending)})
+SET {state} = 'pending', next_try_at = now() + make_interval(secs => $2), updated_at = now()
+WHERE id = $1 AND {state} = 'reported'
 """,
             retry_later=f"""
 UPDATE {table}
@@ -174,22 +182,17 @@ class AttemptRunner:
         self._confirm_s = max(settings.publish_timeout_s,
                               settings.psp_lease_s - settings.psp_timeout_s)
         self._claim: Coalescer[str, Any] = Coalescer(self._claim_many)
-        self._store: Coalescer[str, Any] = Coalescer(self._store_many)
-        self._reported: Coalescer[str, None] = Coalescer(self._report_many)
+        self._report: Coalescer[str, Any] = Coalescer(self._report_many)
 
     async def _claim_many(self, rows: list[tuple[str, Any]]) -> dict[str, Any]:
         claimed = await self._pool.fetch(self.sql.claim, [i for i, _ in rows],
                                          self._settings.psp_lease_s)
         return {row["id"]: row for row in claimed}
 
-    async def _store_many(self, rows: list[tuple[str, Any]]) -> dict[str, Any]:
-        stored = await self._pool.fetch(self.sql.store_result, [i for i, _ in rows],
+    async def _report_many(self, rows: list[tuple[str, Any]]) -> dict[str, Any]:
+        stored = await self._pool.fetch(self.sql.report, [i for i, _ in rows],
                                         [r for _, r in rows])
         return {row["id"]: row["result"] for row in stored}
-
-    async def _report_many(self, rows: list[tuple[str, Any]]) -> dict[str, None]:
-        await self._pool.execute(self.sql.reported, [i for i, _ in rows])
-        return {}
 
     def kick(self, attempt_ids: list[str]) -> None:
         for attempt_id in attempt_ids:
@@ -244,20 +247,21 @@ class AttemptRunner:
         if result is None:
             return
         failpoints.hit("processor.after_psp_call", self.name)
-        if stored is None:
-            kept = await self._store(attempt_id, result.to_json())
-            assert kept is not None, attempt_id  # the row exists: this runner claimed it
-            result = self.result_type.from_json(kept)
+        kept = await self._report(attempt_id, result.to_json())
+        if kept is None:
+            log.info("psp result already reported by another runner")
+            return
+        result = self.result_type.from_json(kept)
+        failpoints.hit("processor.after_result_stored", self.name)
         command = self._result_command(attempt, result)
         try:
             await self._publisher.publish(command, timeout_s=self._confirm_s)
         except PublishFailed as exc:
             log.warning("could not publish psp result; retrying",
                         extra={"ids": {"error": str(exc)}})
-            await self._pool.execute(self.sql.retry_later, attempt_id, 1.0)
+            await self._pool.execute(self.sql.unreport, attempt_id, 1.0)
             return
         failpoints.hit("processor.after_result_published", self.name)
-        await self._reported(attempt_id)
         log.info("psp result reported", extra={"ids": {"outcome": self._outcome(result)}})
 
     def _first_try(self, attempt: Any) -> int:

@@ -108,8 +108,7 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                      $11::boolean[])
 """
 # Settles the attempts not settled yet; the ones missing from the answer are unknown or done.
-# A settled attempt holds no lease: its result can be applied before its runner marks it
-# reported.
+# A settled attempt holds no lease.
 # Locked in id order, as the runners' statements lock them (processor/attempts.py, ordered).
 SETTLE_ATTEMPTS = """
 UPDATE payment_attempts SET state = 'settled', locked_until = NULL, updated_at = now()

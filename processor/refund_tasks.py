@@ -33,11 +33,7 @@ from processor.psp import PSPRefundResult
 
 log = logging.getLogger(__name__)
 
-REFUNDS_SQL = LeaseSQL.for_table(
-    "refunds", "task", renew_counts_a_try=False,
-    # Only while the answer is still there: its command may have been applied already, and
-    # have settled the task or made it due again (result NULL) for the next question.
-    reported_if="result IS NOT NULL")
+REFUNDS_SQL = LeaseSQL.for_table("refunds", "task", renew_counts_a_try=False)
 
 REFUND_PREFIX = "re_"
 

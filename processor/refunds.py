@@ -157,8 +157,8 @@ class Refunds:
 
     async def _result(self, conn: Any, r: ApplyRefundResult, emit: Emit) -> Applied:
         refund = await conn.fetchrow(LOCK_REFUND, r.refund_id, r.account_id)
-        # An answer is applied while the task holds it (reported, or published and not
-        # marked reported yet); one without it is a duplicate of an answer applied before.
+        # An answer is applied while the task holds it (reported); one without it is a
+        # duplicate of an answer applied before.
         if refund is None or refund["task"] == "settled" or refund["result"] is None:
             return Applied("duplicate", detail="refund result already applied, or unknown")
         current, new = RefundStatus(refund["status"]), RefundStatus(r.status)

@@ -1,8 +1,9 @@
 """The updates that come most often change no indexed column, on tables that keep room on
 their pages, so PostgreSQL can make them HOT (a new row version on the same page, no index
-touched): the lease protocol's claims, renewals and stored results, and the dispatcher's claims
-and releases of webhook deliveries (ops/migrations/0016_hot_updates.sql). The sweep of reported
-results reads `reported_at`, which only the statement that marks a row reported sets."""
+touched): the lease protocol's claims, renewals and releases, and the dispatcher's claims and
+releases of webhook deliveries (ops/migrations/0016_hot_updates.sql). The sweep of reported
+results reads `reported_at`, which only the statement that stores a result and marks its row
+reported sets."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def assigned(sql: str) -> set[str]:
 
 
 def lease_updates(sql: LeaseSQL) -> list[str]:
-    return [sql.claim, sql.renew, sql.store_result, sql.release]
+    return [sql.claim, sql.renew, sql.release]
 
 
 FREQUENT: dict[str, list[str]] = {
@@ -54,7 +55,9 @@ FREQUENT: dict[str, list[str]] = {
 
 
 def test_assigned_reads_the_set_clause() -> None:
-    assert assigned(ATTEMPTS_SQL.store_result) == {"result", "updated_at"}
+    assert assigned(ATTEMPTS_SQL.renew) == {"locked_until", "tries", "updated_at"}
+    assert assigned(ATTEMPTS_SQL.report) == {"result", "state", "locked_until", "reported_at",
+                                             "updated_at"}
     assert assigned(ATTEMPTS_SQL.claim) == {"locked_until", "tries", "updated_at"}
     assert assigned(webhooks.CLAIM) == {"locked_until", "updated_at", "attempts"}
 
@@ -107,11 +110,11 @@ async def test_the_sweep_reads_when_a_result_was_reported(migrated: None) -> Non
             intent_id)
         hour_ago = "now() - interval '1 hour'"
         async with s.db.acquire() as conn:
-            # Marking it reported sets the time.
+            # Storing its result marks it reported, and sets the time.
             async with rolled_back(conn):
                 await conn.execute("UPDATE payment_attempts SET state = 'pending', "
                                    "reported_at = NULL WHERE id = $1", row["id"])
-                await conn.execute(ATTEMPTS_SQL.reported, [row["id"]])
+                await conn.execute(ATTEMPTS_SQL.report, [row["id"]], ["{}"])
                 marked = await conn.fetchrow(
                     "SELECT state, reported_at = now() AS now FROM payment_attempts "
                     "WHERE id = $1", row["id"])

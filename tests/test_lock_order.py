@@ -1,7 +1,8 @@
 """Statements that change several rows of PSP work lock them in id order, whatever order
-their ids come in and whatever plan PostgreSQL picks. The runners' coalesced claims, results
-and reports run beside a batch of commands that settles the same rows: in any other order two
-of them can each hold a row the other waits for, and PostgreSQL fails one as a deadlock."""
+their ids come in and whatever plan PostgreSQL picks. The runners' coalesced claims and
+reports (which store results) run beside a batch of commands that settles the same rows: in
+any other order two of them can each hold a row the other waits for, and PostgreSQL fails one
+as a deadlock."""
 
 from __future__ import annotations
 
@@ -70,8 +71,7 @@ async def waiting_on_a_lock(conn: Any, pid: int) -> None:
 # The statement, the result its rows start with, and its arguments after the ids.
 STATEMENTS: dict[str, tuple[str, str | None, tuple[Any, ...]]] = {
     "claim": (ATTEMPTS_SQL.claim, None, (5.0,)),
-    "store_result": (ATTEMPTS_SQL.store_result, None, (["{}", "{}"],)),
-    "reported": (ATTEMPTS_SQL.reported, "{}", ()),
+    "report": (ATTEMPTS_SQL.report, None, (["{}", "{}"],)),
     "settle": (SETTLE_ATTEMPTS, "{}", ()),
 }
 
