@@ -112,19 +112,19 @@ class Processor:
         self.tasks = TaskRunner(pool, psp, publisher, s, topology.commands)
         self.refunds = RefundRunner(pool, psp, publisher, s, topology.commands)
 
-        def kick(task_ids: list[str]) -> None:
+        def kick(task_ids: list[str], claimed: list[Any]) -> None:
             attempts, refunds = split_tasks(task_ids)
-            self.attempts.kick(attempts)
+            self.attempts.kick(attempts, claimed)
             self.refunds.kick(refunds)
 
-        intents = Intents(pool, s.secret_bytes, topology)
+        intents = Intents(pool, s.secret_bytes, topology, s.psp_lease_s)
         pending = PendingCommands(redis, ttl_s=s.pending_ttl_s, notify_deployment=s.amqp_prefix)
         gate = Gate()
 
         async def consume(partition: int) -> None:
             consumer = PartitionConsumer(
-                connection, topology, partition, intents, pending, kick,
-                s.prefetch, pool, gate, batch=lambda: Batch(s.secret_bytes, topology),
+                connection, topology, partition, intents, pending, kick, s.prefetch, pool, gate,
+                batch=lambda: Batch(s.secret_bytes, topology, s.psp_lease_s),
                 on_tasks=self.tasks.kick)
             try:
                 await consumer.start()

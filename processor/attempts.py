@@ -14,8 +14,14 @@ never published because its runner died after storing it) would leave its intent
 `psp_report_timeout_s`, then after twice that, and so on, MAX_REPORTS times (applying a result
 is idempotent). Past that, the intent waits for an operator, and the stuck-intents gauge says so.
 
+The transaction that makes an attempt claims it for this processor (processor/batches.py,
+INSERT_ATTEMPTS), so its runner starts it from the row it is handed, without a claim of its
+own; one that waited long for a free slot is claimed again first. A processor that dies before
+it starts them leaves their leases to expire, as it leaves those of attempts under way.
+
 At most `psp_concurrency` attempts run at once per processor; attempts kicked beyond that wait
-in memory up to a bound, and past it are left to the sweeper, which finds them in Postgres.
+in memory up to a bound, and past it are left to the sweeper, which finds them in Postgres
+(their leases given back, if they were handed claimed).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +117,9 @@ UPDATE {table}
 SET locked_until = NULL, next_try_at = now() + make_interval(secs => $2), updated_at = now()
 WHERE id = $1
 """,
-            release=f"UPDATE {table} SET locked_until = NULL WHERE id = $1 AND {pending}",
+            release=f"""
+UPDATE {table} SET locked_until = NULL WHERE id IN ({ordered(table, pending)})
+""",
             # SKIP LOCKED: a sweep never waits, so it needs no order.
             rereport=f"""
 UPDATE {table}
@@ -172,8 +181,14 @@ class AttemptRunner:
         self._publisher = publisher
         self._settings = settings
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._waiting: dict[str, None] = {}  # insertion-ordered: first kicked, first run
+        # Insertion-ordered: first kicked, first run. A claimed row comes with when it was
+        # handed over.
+        self._waiting: dict[str, tuple[Any, float] | None] = {}
         self._waiting_max = 4 * settings.psp_concurrency
+        # A claimed row is started as it is while its lease still covers a PSP call with room
+        # to spare; past that it is claimed again.
+        self._claimed_fresh_s = (settings.psp_lease_s - settings.psp_timeout_s) / 2
+        self._releasing: set[asyncio.Task[None]] = set()
         self._stopping = False
         # A result is stored before it is published: waiting longer for the broker's confirm
         # costs only this runner's slot, where giving up publishes it once more to a broker
@@ -194,15 +209,41 @@ class AttemptRunner:
                                         [r for _, r in rows])
         return {row["id"]: row["result"] for row in stored}
 
-    def kick(self, attempt_ids: list[str]) -> None:
+    def kick(self, attempt_ids: Iterable[str], claimed: Sequence[Any] = ()) -> None:
+        """Run these rows: by id, or as rows claimed for this runner (this module's
+        docstring)."""
         for attempt_id in attempt_ids:
-            if self._stopping or attempt_id in self._running or attempt_id in self._waiting:
-                continue
-            if len(self._waiting) >= self._waiting_max:
-                metrics.ATTEMPTS_DEFERRED.inc()
-                continue
-            self._waiting[attempt_id] = None
+            self._queue(attempt_id, None)
+        now = time.monotonic()
+        given_back = [row["id"] for row in claimed if not self._queue(row["id"], (row, now))]
+        if given_back:
+            self._release_soon(given_back)
         self._fill()
+
+    def _queue(self, attempt_id: str, claimed: tuple[Any, float] | None) -> bool:
+        """Whether the row waits its turn here now."""
+        if self._stopping or attempt_id in self._running or attempt_id in self._waiting:
+            return False
+        if len(self._waiting) >= self._waiting_max:
+            metrics.ATTEMPTS_DEFERRED.inc()
+            return False
+        self._waiting[attempt_id] = claimed
+        return True
+
+    def _release_soon(self, attempt_ids: list[str]) -> None:
+        """Give back the leases of claimed rows this runner will not start, so that the sweeper
+        finds them at once instead of when the leases run out."""
+        async def release() -> None:
+            try:
+                await self._pool.execute(self.sql.release, attempt_ids)
+            except Exception as exc:
+                log.warning("could not give back leases; they run out",
+                            extra={"ids": {f"{self.name}s": len(attempt_ids),
+                                           "error": repr(exc)}})
+
+        task = asyncio.create_task(release())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     def _fill(self) -> None:
         while self._waiting and len(self._running) < self._settings.psp_concurrency:
@@ -210,8 +251,8 @@ class AttemptRunner:
                 self._waiting.clear()
                 return
             attempt_id = next(iter(self._waiting))
-            del self._waiting[attempt_id]
-            task = asyncio.create_task(self._run(attempt_id))
+            claimed = self._waiting.pop(attempt_id)
+            task = asyncio.create_task(self._run(attempt_id, claimed))
             self._running[attempt_id] = task
             task.add_done_callback(functools.partial(self._done, attempt_id))
         metrics.ATTEMPTS_WAITING.set(len(self._waiting))
@@ -220,9 +261,14 @@ class AttemptRunner:
         self._running.pop(attempt_id, None)
         self._fill()
 
-    async def _run(self, attempt_id: str) -> None:
+    async def _run(self, attempt_id: str, claimed: tuple[Any, float] | None = None) -> None:
         try:
-            attempt = await self._claim(attempt_id)
+            if claimed is not None and time.monotonic() - claimed[1] < self._claimed_fresh_s:
+                attempt = claimed[0]
+            else:
+                if claimed is not None:
+                    await self._pool.execute(self.sql.release, [attempt_id])
+                attempt = await self._claim(attempt_id)
             if attempt is None:
                 return
             with bound(request_id=attempt["request_id"], account=attempt["account_id"],
@@ -238,7 +284,7 @@ class AttemptRunner:
             # No PSP call of ours is under way any more: give the lease back, so the next
             # sweep resumes the attempt instead of waiting for the lease to run out.
             with contextlib.suppress(Exception):
-                await self._pool.execute(self.sql.release, attempt_id)
+                await self._pool.execute(self.sql.release, [attempt_id])
 
     async def _settle(self, attempt: Any) -> None:
         attempt_id = attempt["id"]
@@ -302,7 +348,7 @@ class AttemptRunner:
                 metrics.PSP_CALLS.labels(outcome).inc()
                 metrics.PSP_SECONDS.labels(outcome).observe(time.perf_counter() - started)
             if self._stopping:
-                await self._pool.execute(self.sql.release, attempt["id"])
+                await self._pool.execute(self.sql.release, [attempt["id"]])
                 return None
             # Renewed before the pause, so the lease covers the pause and the next call.
             await self._pool.execute(self.sql.renew, attempt["id"], s.psp_lease_s)
@@ -365,8 +411,11 @@ class AttemptRunner:
         """Let PSP calls under way finish (a call cut off is only retried later, with the same
         key); attempts not finished in time keep their lease until it runs out."""
         self._stopping = True
+        claimed = [i for i, row in self._waiting.items() if row is not None]
         self._waiting.clear()
-        running = list(self._running.values())
+        if claimed:
+            self._release_soon(claimed)
+        running = [*self._running.values(), *self._releasing]
         if running:
             _, pending = await asyncio.wait(running, timeout=grace_s)
             for task in pending:

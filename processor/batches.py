@@ -100,12 +100,16 @@ FROM unnest($1::text[], $2::text[], $3::text[]) AS u(i, pm, cm)
 WHERE p.id = u.i
 RETURNING p.*
 """
+# Claimed for this processor's runner as they are made (a lease of $12 s, the first try):
+# it starts them with the rows returned, without a claim of its own (processor/attempts.py).
 INSERT_ATTEMPTS = """
 INSERT INTO payment_attempts (id, account_id, payment_intent_id, charge_id, psp_key, amount,
-                              currency, payment_method, request_id, commands_exchange, capture)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                     $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[],
-                     $11::boolean[])
+                              currency, payment_method, request_id, commands_exchange, capture,
+                              locked_until, tries)
+SELECT *, now() + make_interval(secs => $12), 1
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+            $7::text[], $8::text[], $9::text[], $10::text[], $11::boolean[])
+RETURNING *
 """
 # Settles the attempts not settled yet; the ones missing from the answer are unknown or done.
 # A settled attempt holds no lease.
@@ -156,8 +160,9 @@ SELECT pg_notify('payonce_events', '')
 class Batch:
     """One batch's transaction: `apply(conn, commands)` gives each command its Applied."""
 
-    def __init__(self, secret: bytes, topology: Topology) -> None:
+    def __init__(self, secret: bytes, topology: Topology, lease_s: float) -> None:
         self._secret = secret
+        self._lease_s = lease_s
         self._events_exchange = topology.events
         self._commands_exchange = topology.commands
         self._lifecycle = Lifecycle(secret, topology.commands, self._event)
@@ -286,8 +291,11 @@ class Batch:
                          self._commands_exchange, capture_method != CaptureMethod.MANUAL)
             self._event(c, EventType.INTENT_PROCESSING, updated[c.intent_id],
                         previous={"status": row["status"]})
-            done.append((i, Applied("applied", attempts=[attempt_id])))
-        await conn.execute(INSERT_ATTEMPTS, *attempts.columns)
+            done.append((i, Applied("applied")))
+        claimed = {row["id"]: row for row in await conn.fetch(
+            INSERT_ATTEMPTS, *attempts.columns, self._lease_s)}
+        for (_, applied), attempt_id in zip(done, attempts.columns[0], strict=True):
+            applied.claimed.append(claimed[attempt_id])
         return done
 
     async def _psp_results(
@@ -386,10 +394,11 @@ def result_event(result: ApplyPSPResult) -> EventType:
 class Intents:
     """Applies one command alone, as a batch of one, in a transaction of its own."""
 
-    def __init__(self, pool: Any, secret: bytes, topology: Topology) -> None:
+    def __init__(self, pool: Any, secret: bytes, topology: Topology, lease_s: float) -> None:
         self._pool = pool
         self._secret = secret
         self._topology = topology
+        self._lease_s = lease_s
 
     async def apply(self, command: Command, *, journal: tuple[str, str] | None = None) -> Applied:
         """Apply `command`; `journal` (queue, message id) names the record of its start that
@@ -397,7 +406,8 @@ class Intents:
         async with self._pool.acquire() as conn, conn.transaction():
             if journal is not None:
                 await conn.execute(FORGET_START, *journal)
-            [applied] = await Batch(self._secret, self._topology).apply(conn, [command])
+            [applied] = await Batch(self._secret, self._topology, self._lease_s).apply(
+                conn, [command])
             return applied
 
 

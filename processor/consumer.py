@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aio_pika
 
@@ -243,7 +243,7 @@ class PartitionConsumer:
         partition: int,
         intents: Intents,
         pending: PendingCommands,
-        on_attempts: Callable[[list[str]], None],
+        on_attempts: Callable[[list[str], list[Any]], None],
         prefetch: int,
         db: Database,
         gate: Gate,
@@ -308,8 +308,8 @@ class PartitionConsumer:
             if isinstance(command, ClientCommand):
                 await self._clear_pending(command)
             await self._settle(message)
-            if result.attempts:
-                self._on_attempts(result.attempts)
+            if result.attempts or result.claimed:
+                self._on_attempts(result.attempts, result.claimed)
             if result.tasks and self._on_tasks is not None:
                 self._on_tasks(result.tasks)
 

@@ -121,6 +121,13 @@ async def test_crash_between_a_batch_commit_and_its_acks(
         # The batch committed: its intents exist, and nothing of it was acked.
         assert await s.db.fetchval(
             "SELECT count(*) FROM payment_intents WHERE account_id = $1", api.account_id) > 0
+        # Its attempts were made claimed for the dead processor: the next one finds them once
+        # their leases run out.
+        made_claimed = await s.db.fetch(
+            "SELECT tries, locked_until FROM payment_attempts WHERE account_id = $1",
+            api.account_id)
+        assert made_claimed and all(
+            a["tries"] == 1 and a["locked_until"] is not None for a in made_claimed)
         await start_processor(settings, procs, tmp_path)
         intents = await wait_settled(s.db, api.account_id, len(made))
         check_outcomes(intents, dict(zip(made, cards, strict=True)))

@@ -515,7 +515,7 @@ async def test_the_single_command_path_applies_a_refund_once(shared: Stack, api:
         fingerprint=fingerprint("POST", "/v1/refunds", values),
         refund_id=ids.refund_id(settings.secret_bytes, api.account_id, key),
         charge_id=intent["latest_charge"], amount=400)
-    intents = Intents(api.db, settings.secret_bytes, topology)
+    intents = Intents(api.db, settings.secret_bytes, topology, settings.psp_lease_s)
     first = await intents.apply(command)
     assert (first.outcome, first.attempts) == ("applied", [command.refund_id])
     again = await intents.apply(command)
