@@ -100,13 +100,14 @@ FROM unnest($1::text[], $2::text[], $3::text[]) AS u(i, pm, cm)
 WHERE p.id = u.i
 RETURNING p.*
 """
-# Claimed for this processor's runner as they are made (a lease of $12 s, the first try):
-# it starts them with the rows returned, without a claim of its own (processor/attempts.py).
+# Claimed for this processor's runner as they are made (a lease of $12 s from this statement,
+# not from the transaction's start; the first try): it starts them with the rows returned,
+# without a claim of its own (processor/attempts.py).
 INSERT_ATTEMPTS = """
 INSERT INTO payment_attempts (id, account_id, payment_intent_id, charge_id, psp_key, amount,
                               currency, payment_method, request_id, commands_exchange, capture,
                               locked_until, tries)
-SELECT *, now() + make_interval(secs => $12), 1
+SELECT *, clock_timestamp() + make_interval(secs => $12), 1
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
             $7::text[], $8::text[], $9::text[], $10::text[], $11::boolean[])
 RETURNING *

@@ -342,14 +342,17 @@ async def test_each_list_and_filter_reads_an_index_in_the_list_order(paid: Paid)
     (ops/migrations/0007_lists.sql)."""
     api = paid.api
     middle, charge = paid.intent_order[50], paid.charge_order[50]
-    cases: list[tuple[lists.Listing, dict[str, Any], str | None, int]] = [
+    cases: list[tuple[lists.Listing, dict[str, Any], str | set[str] | None, int]] = [
         (reads.INTENTS, {}, "payment_intents_account", 10),
         (reads.INTENTS, {"starting_after": middle}, "payment_intents_account", 10),
         (reads.INTENTS, {"ending_before": middle}, "payment_intents_account", 10),
         (reads.INTENTS, {"created": {"lte": str(paid.intents[middle]["created"])}},
          "payment_intents_account", 10),
+        # The customer's index, or the account's read in the same order with the customer
+        # filtered: which, the planner picks by how common the customer is in the table's
+        # statistics (cus_alice is the most common customer of the tests' intents).
         (reads.INTENTS, {"customer": "cus_alice", "starting_after": middle},
-         "payment_intents_customer", 10),
+         {"payment_intents_customer", "payment_intents_account"}, 10),
         (reads.CHARGES, {}, "charges_account", 10),
         (reads.CHARGES, {"starting_after": charge}, "charges_account", 10),
         (reads.CHARGES, {"ending_before": charge, "limit": "100"}, "charges_account", 50),
@@ -376,7 +379,8 @@ async def test_each_list_and_filter_reads_an_index_in_the_list_order(paid: Paid)
             assert "Seq Scan" not in types, (query, types)
             if index is not None:
                 assert "Sort" not in types and "Incremental Sort" not in types, (query, types)
-                assert index in {n.get("Index Name") for n in nodes(plan)}, (query, plan)
+                used = {n.get("Index Name") for n in nodes(plan)}
+                assert used & ({index} if isinstance(index, str) else index), (query, plan)
 
 
 # ---- accounts -------------------------------------------------------------------------------
