@@ -3,8 +3,10 @@
 Events are written in the transaction of the state change that causes them, naming the
 exchange they go to. One relay per exchange holds an advisory lock and publishes them in `seq`
 order, each with its stable id as the message id, in batches, then marks each batch published
-once the broker confirmed it (its rows leave events_outbox); it reads and sends the next
-batches while the broker confirms (up to IN_FLIGHT at once). A crash between the broker's
+once the broker confirmed it (its rows leave events_outbox, in the statement that reads the
+next batch); it reads and sends the next batches while the broker confirms (up to IN_FLIGHT
+at once), and reads again while batches are under way only when a read may find more (the
+last one was full, or a new event was notified since it began). A crash between the broker's
 confirm and the mark publishes those events again (at least once); consumers dedupe by id.
 
 Events are published mandatory: the broker must route each one to at least one queue (the
@@ -62,20 +64,26 @@ log = logging.getLogger(__name__)
 BATCH = 200
 # An idle relay woken by a new event waits this long before it reads: the events committed
 # meanwhile go in the same batch. Below the full rate they come one transaction at a time, and
-# every batch costs the same round trips (read, publish, confirm, delete) whatever its size.
+# every batch costs the same round trips (read, publish, confirm, then a read that marks it)
+# whatever its size.
 LINGER_S = 0.02
 # Batches published and not yet confirmed at once: the next one is read and sent while the
 # broker confirms the ones before it.
 IN_FLIGHT = 4
 # The events not published yet are the ones still in events_outbox (written with each event,
-# ops/migrations/0014_events_outbox.sql). Not by a cursor on seq: an event whose transaction
-# commits after a later seq was read must still be found.
+# ops/migrations/0014_events_outbox.sql), less those under way ($3). Not by a cursor on seq: an
+# event whose transaction commits after a later seq was read must still be found. The events
+# the broker confirmed since the last read ($4) leave the outbox in the same statement: one
+# round trip where a mark and a read took two. The read sees the outbox as it was before the
+# delete, so $3 names them too.
 UNPUBLISHED = """
+WITH published AS (
+    DELETE FROM events_outbox WHERE exchange = $1 AND seq = ANY($4::bigint[])
+)
 SELECT e.* FROM events_outbox o JOIN events e ON e.seq = o.seq
 WHERE o.exchange = $1 AND o.seq <> ALL($3::bigint[])
 ORDER BY o.seq LIMIT $2
 """
-MARK_PUBLISHED = "DELETE FROM events_outbox WHERE exchange = $1 AND seq = ANY($2::bigint[])"
 OLDEST_UNPUBLISHED = """
 SELECT extract(epoch FROM now() - e.created) FROM events_outbox o JOIN events e ON e.seq = o.seq
 WHERE o.exchange = $1 ORDER BY o.seq LIMIT 1
@@ -149,18 +157,28 @@ class OutboxRelay:
             async with asyncio.timeout(self._timeout_s):
                 await declare_events(channel, self._topology)
                 exchange = await channel.get_exchange(self._topology.events)
+            # Confirmed and not yet marked: they leave the outbox with the next read.
+            confirmed_seqs: list[int] = []
+            # Whether a read may find more: after a full batch, or a notification since the
+            # last read began.
+            more = True
             while True:
-                if len(in_flight) < IN_FLIGHT:
+                if len(in_flight) < IN_FLIGHT and (more or confirmed_seqs
+                                                   or self._wake.is_set()):
                     sent = [seq for rows, _ in in_flight for seq in (r["seq"] for r in rows)]
+                    self._wake.clear()
                     rows = await conn.fetch(UNPUBLISHED, self._topology.events, self.batch,
-                                            sent)
+                                            sent + confirmed_seqs, confirmed_seqs)
+                    confirmed_seqs = []
                     loop.beat()
+                    more = len(rows) == self.batch
                     if rows:
                         in_flight.append(
                             (rows, asyncio.create_task(self._publish(channel, exchange, rows))))
-                        continue
+                    continue
                 if not in_flight:
                     await self._idle()
+                    more = True
                     continue
                 # The oldest batch: confirmed, then marked; the others stay under way.
                 rows, publishing = in_flight.popleft()
@@ -176,8 +194,7 @@ class OutboxRelay:
                 underlay = await channel.get_underlay_channel()
                 async with asyncio.timeout(self._timeout_s):
                     await underlay.queue_declare(self._topology.webhooks, passive=True)
-                await conn.execute(MARK_PUBLISHED, self._topology.events,
-                                   [r["seq"] for r in rows])
+                confirmed_seqs.extend(r["seq"] for r in rows)
                 metrics.EVENTS_PUBLISHED.inc(len(rows))
                 for row in rows:
                     metrics.EVENT_PUBLISH_SECONDS.observe(

@@ -11,10 +11,13 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+import pytest
 
 from contracts.topology import Topology
+from ops import postgres
 from ops.bench import histogram_quantiles
 from ops.loops import Loop
+from processor import outbox
 from processor.outbox import OutboxRelay
 from tests.conftest import Proc, free_port, make_settings, stack, start_proc
 from tests.support import EventTap, unpublished
@@ -124,3 +127,74 @@ async def test_a_broker_too_slow_for_a_whole_batch_still_gets_every_event(
         after = relay.sizes[relay.sizes.index(25) + 1:]
         failed = [n for n in after if n > SlowBroker.CONFIRMS_IN_TIME]
         assert after and len(failed) < len(after) / 2, relay.sizes
+
+
+class Counted:
+    """The relay's connection, counting the statements it sends."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.statements: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        self.statements.append(sql)
+        return await self._conn.fetch(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> Any:
+        self.statements.append(sql)
+        return await self._conn.execute(sql, *args)
+
+
+async def test_a_lone_event_costs_the_relay_two_statements(
+        migrated: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Woken by one event, the relay reads it, publishes it and, once it is confirmed, marks
+    it in the statement that looks for the next ones; nothing more while it is under way."""
+    settings = make_settings(processor_relay=False)
+    counted: list[Counted] = []
+
+    async def connect(*args: Any, **kwargs: Any) -> Counted:
+        counted.append(Counted(await postgres.connect(*args, **kwargs)))
+        return counted[-1]
+
+    async with stack(settings) as s, EventTap(settings).bound() as tap:
+        api = await s.client()
+        monkeypatch.setattr(outbox, "connect", connect)
+        connection = await aio_pika.connect_robust(settings.amqp_url)
+        # Idle for longer than the test: every read comes from a notification.
+        relay = OutboxRelay(settings.database_url, connection,
+                            Topology(settings.amqp_prefix, settings.partitions), 60.0,
+                            settings.publish_timeout_s)
+        loop = Loop("outbox_relay", relay.run, stale_after_s=120)
+        loop.start()
+        try:
+            async with asyncio.timeout(10):
+                while not (counted and counted[0].statements):
+                    await asyncio.sleep(0.01)
+            # The relay's first read found what earlier tests left, if anything; wait until
+            # it is idle with an empty outbox.
+            async with asyncio.timeout(20):
+                while await s.db.fetchval("SELECT count(*) FROM events_outbox WHERE "
+                                          "exchange = $1", relay._topology.events):
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            before = len(counted[0].statements)
+            created = await api.create(amount=1500, currency="usd")
+            assert created.status == 202
+            async with asyncio.timeout(20):
+                while not (events := await s.db.fetch(
+                        "SELECT id FROM events WHERE account_id = $1", api.account_id)):
+                    await asyncio.sleep(0.02)
+            await tap.receive({e["id"] for e in events})
+            async with asyncio.timeout(20):
+                while await unpublished(s.db, api.account_id):
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)
+            statements = counted[0].statements[before:]
+        finally:
+            await loop.stop()
+            await connection.close()
+        assert len(counted) == 1, "the relay started over"
+        assert statements == [outbox.UNPUBLISHED, outbox.UNPUBLISHED]
