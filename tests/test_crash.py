@@ -130,59 +130,42 @@ async def test_crash_after_psp_charged_before_recorded(
         assert "psp replayed a charge" in survivor.log()
 
 
-async def test_crash_after_the_result_is_published(
-    migrated: None, procs: list[Proc], tmp_path: Path
+@pytest.mark.parametrize("failpoint, reports", [
+    # Published: applied at once, though the lease and the report timeout are far longer than
+    # the test.
+    ("processor.after_result_published", 0),
+    # Stored and not published: only the sweep can report it, after the report timeout.
+    ("processor.after_result_stored", 1),
+])
+async def test_crash_after_the_result_is_stored(
+    migrated: None, procs: list[Proc], tmp_path: Path, failpoint: str, reports: int
 ) -> None:
-    # A lease and a report timeout far longer than the test: the result must be applied
-    # without waiting either out.
-    settings = make_settings(psp_lease_s=50.0, psp_report_timeout_s=100.0,
-                             processor_metrics_port=free_port())
+    timeouts = ({"psp_lease_s": 50.0, "psp_report_timeout_s": 100.0} if reports == 0 else
+                {"psp_timeout_s": 0.5, "psp_lease_s": 1.0, "psp_report_timeout_s": 2.0})
+    settings = make_settings(**timeouts, processor_metrics_port=free_port())
     amounts = Amounts(1)
     async with stack(settings, processor=False) as s:
         api = await s.client()
         since = await s.db.fetchval("SELECT now()")
-        intent_id, attempt = await pay_into_a_crash(s, api, procs, tmp_path, amounts,
-                                                    "processor.after_result_published")
+        intent_id, attempt = await pay_into_a_crash(s, api, procs, tmp_path, amounts, failpoint)
         # Stored and marked reported before the publish: the lease was given back then.
         assert attempt["result"] is not None and attempt["state"] == "reported"
         assert attempt["locked_until"] is None
-
-        await start_processor(settings, procs, tmp_path)
-        intents = await wait_settled(s.db, api.account_id, 1, within_s=30)
-        check_outcomes(intents, {intent_id: VISA})
-        await check_ledger(s.db, api.account_id, amounts, since, {intent_id: 1})
-        settled = await s.db.fetchrow(
-            "SELECT state, reports FROM payment_attempts WHERE id = $1", attempt["id"])
-        assert (settled["state"], settled["reports"]) == ("settled", 0)
-
-
-async def test_crash_after_the_result_is_stored_before_it_is_published(
-    migrated: None, procs: list[Proc], tmp_path: Path
-) -> None:
-    settings = make_settings(psp_timeout_s=0.5, psp_lease_s=1.0, psp_report_timeout_s=2.0,
-                             processor_metrics_port=free_port())
-    amounts = Amounts(1)
-    async with stack(settings, processor=False) as s:
-        api = await s.client()
-        since = await s.db.fetchval("SELECT now()")
-        intent_id, attempt = await pay_into_a_crash(s, api, procs, tmp_path, amounts,
-                                                    "processor.after_result_stored")
-        # The answer is stored and nothing was published: only the sweep can report it.
-        assert attempt["result"] is not None and attempt["state"] == "reported"
-        assert (await s.db.fetchval("SELECT status FROM payment_intents WHERE id = $1",
-                                    intent_id)) == "processing"
+        if reports:
+            assert (await s.db.fetchval("SELECT status FROM payment_intents WHERE id = $1",
+                                        intent_id)) == "processing"
 
         survivor = await start_processor(settings, procs, tmp_path)
         intents = await wait_settled(s.db, api.account_id, 1, within_s=30)
         check_outcomes(intents, {intent_id: VISA})
         attempts = await check_ledger(s.db, api.account_id, amounts, since, {intent_id: 1})
-        # Reported again from the stored answer: the PSP was not asked a second time.
+        # Applied from the stored answer: the PSP was not asked a second time.
         assert attempts[0]["authorization_code"] == attempt["result"]["authorization_code"]
+        assert "psp replayed a charge" not in survivor.log()
         settled = await s.db.fetchrow(
             "SELECT state, reports FROM payment_attempts WHERE id = $1", attempt["id"])
-        assert (settled["state"], settled["reports"]) == ("settled", 1)
-        assert "psp results reported again" in survivor.log()
-        assert "psp replayed a charge" not in survivor.log()
+        assert (settled["state"], settled["reports"]) == ("settled", reports)
+        assert ("psp results reported again" in survivor.log()) == bool(reports)
 
 
 async def test_a_psp_result_waits_for_a_slow_confirm_instead_of_going_again(
