@@ -35,7 +35,7 @@ from processor.deadletters import DeadLetterWatcher
 from processor.outbox import OutboxRelay, read_outbox_lag, stale_after_s
 from processor.psp import SimulatedPSP
 from processor.psp_tasks import TaskRunner
-from processor.refund_tasks import RefundRunner, split_tasks
+from processor.refund_tasks import RefundRunner
 from processor.status import StatusFanout
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,8 @@ class Processor:
         self.tasks = TaskRunner(pool, psp, publisher, s, topology.commands)
         self.refunds = RefundRunner(pool, psp, publisher, s, topology.commands)
 
-        def kick(task_ids: list[str], claimed: list[Any]) -> None:
-            attempts, refunds = split_tasks(task_ids)
-            self.attempts.kick(attempts, claimed)
-            self.refunds.kick(refunds)
+        def kick(claimed: list[Any]) -> None:
+            self.attempts.kick((), claimed)
 
         intents = Intents(pool, s.secret_bytes, topology, s.psp_lease_s)
         pending = PendingCommands(redis, ttl_s=s.pending_ttl_s, notify_deployment=s.amqp_prefix)
@@ -125,7 +123,7 @@ class Processor:
             consumer = PartitionConsumer(
                 connection, topology, partition, intents, pending, kick, s.prefetch, pool, gate,
                 batch=lambda: Batch(s.secret_bytes, topology, s.psp_lease_s),
-                on_tasks=self.tasks.kick)
+                on_tasks=self.tasks.kick, on_refunds=self.refunds.kick)
             try:
                 await consumer.start()
             except BaseException:

@@ -296,7 +296,7 @@ class Batch:
         claimed = {row["id"]: row for row in await conn.fetch(
             INSERT_ATTEMPTS, *attempts.columns, self._lease_s)}
         for (_, applied), attempt_id in zip(done, attempts.columns[0], strict=True):
-            applied.claimed.append(claimed[attempt_id])
+            applied.attempts.append(claimed[attempt_id])
         return done
 
     async def _psp_results(

@@ -243,12 +243,13 @@ class PartitionConsumer:
         partition: int,
         intents: Intents,
         pending: PendingCommands,
-        on_attempts: Callable[[list[str], list[Any]], None],
+        on_attempts: Callable[[list[Any]], None],
         prefetch: int,
         db: Database,
         gate: Gate,
         batch: Callable[[], Batch] | None = None,
         on_tasks: Callable[[list[str]], None] | None = None,
+        on_refunds: Callable[[list[str]], None] | None = None,
     ) -> None:
         self._connection = connection
         self._queue_name = topology.queue(partition)
@@ -256,6 +257,7 @@ class PartitionConsumer:
         self._pending = pending
         self._on_attempts = on_attempts
         self._on_tasks = on_tasks
+        self._on_refunds = on_refunds
         self._prefetch = prefetch
         self._db = db
         self._gate = gate
@@ -308,8 +310,10 @@ class PartitionConsumer:
             if isinstance(command, ClientCommand):
                 await self._clear_pending(command)
             await self._settle(message)
-            if result.attempts or result.claimed:
-                self._on_attempts(result.attempts, result.claimed)
+            if result.attempts:
+                self._on_attempts(result.attempts)
+            if result.refunds and self._on_refunds is not None:
+                self._on_refunds(result.refunds)
             if result.tasks and self._on_tasks is not None:
                 self._on_tasks(result.tasks)
 

@@ -60,10 +60,10 @@ class Applied:
     """What applying a command did, for the consumer to log, count and follow up on."""
 
     outcome: str  # applied, duplicate, rejected
-    # PSP work it started, by id (refunds), or as the rows of payment attempts it made claimed
-    # for this processor's runner (processor/batches.py, INSERT_ATTEMPTS).
-    attempts: list[str] = field(default_factory=list)
-    claimed: list[Any] = field(default_factory=list)
+    # PSP work it started: payment attempts, as the rows it made claimed for this processor's
+    # runner (processor/batches.py, INSERT_ATTEMPTS), and refunds, by id.
+    attempts: list[Any] = field(default_factory=list)
+    refunds: list[str] = field(default_factory=list)
     # PSP tasks it asked for (processor/psp_tasks.py).
     tasks: list[str] = field(default_factory=list)
     detail: str = ""

@@ -35,14 +35,6 @@ log = logging.getLogger(__name__)
 
 REFUNDS_SQL = LeaseSQL.for_table("refunds", "task", renew_counts_a_try=False)
 
-REFUND_PREFIX = "re_"
-
-
-def split_tasks(task_ids: list[str]) -> tuple[list[str], list[str]]:
-    """(payment attempts, refunds) among the PSP tasks a command started."""
-    refunds = [t for t in task_ids if t.startswith(REFUND_PREFIX)]
-    return [t for t in task_ids if not t.startswith(REFUND_PREFIX)], refunds
-
 
 class RefundRunner(AttemptRunner):
     """Runs the refunds' PSP tasks (this module's docstring)."""

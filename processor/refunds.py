@@ -139,7 +139,7 @@ class Refunds:
         updated = await conn.fetchrow(MOVE_REFUNDED, charge["id"], c.amount)
         self._event(emit, c, EventType.CHARGE_REFUNDED, objects.charge(updated),
                     previous=_refunded_fields(charge))
-        return Applied("applied", attempts=[c.refund_id], detail="pending")
+        return Applied("applied", refunds=[c.refund_id], detail="pending")
 
     async def _refundable_charge(self, conn: Any, c: CreateRefund) -> Any:
         """The charge to refund, locked; a PayonceError when there is none to refund. The edge

@@ -18,12 +18,9 @@ from ops.postgres import Database
 from processor.attempts import AttemptRunner
 from processor.psp import PSPResult
 from tests.conftest import make_settings, stack
+from tests.test_lock_order import INSERT_INTENT
 
 EXCHANGE = "payonce.claimed_attempts"
-INSERT_INTENT = """
-INSERT INTO payment_intents (id, account_id, amount, currency, status, payment_method, created)
-VALUES ($1, $2, 1000, 'usd', 'processing', 'pm_card_visa', now())
-"""
 # As a confirm's transaction makes it: leased for 30 s, its first try counted.
 INSERT_CLAIMED = """
 INSERT INTO payment_attempts (id, account_id, payment_intent_id, charge_id, psp_key, amount,

@@ -517,7 +517,7 @@ async def test_the_single_command_path_applies_a_refund_once(shared: Stack, api:
         charge_id=intent["latest_charge"], amount=400)
     intents = Intents(api.db, settings.secret_bytes, topology, settings.psp_lease_s)
     first = await intents.apply(command)
-    assert (first.outcome, first.attempts) == ("applied", [command.refund_id])
+    assert (first.outcome, first.refunds) == ("applied", [command.refund_id])
     again = await intents.apply(command)
     assert again.outcome == "duplicate"
     rows = await refunds_of(api, intent["latest_charge"])
@@ -529,7 +529,7 @@ async def test_the_single_command_path_applies_a_refund_once(shared: Stack, api:
         command, idempotency_key=key + "-2", amount=501,
         refund_id=ids.refund_id(settings.secret_bytes, api.account_id, key + "-2"))
     failed = await intents.apply(too_much)
-    assert failed.outcome == "applied" and not failed.attempts
+    assert failed.outcome == "applied" and not failed.refunds
     row = await api.db.fetchrow("SELECT * FROM refunds WHERE id = $1", too_much.refund_id)
     assert (row["status"], row["failure_reason"]) == ("failed", "insufficient_refundable_amount")
 
