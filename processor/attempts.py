@@ -16,7 +16,8 @@ is idempotent). Past that, the intent waits for an operator, and the stuck-inten
 
 The transaction that makes an attempt claims it for this processor (processor/batches.py,
 INSERT_ATTEMPTS), so its runner starts it from the row it is handed, without a claim of its
-own; one that waited long for a free slot is claimed again first. A processor that dies before
+own; one that waited long for a free slot has its lease renewed first, unless another runner
+took it meanwhile. A processor that dies before
 it starts them leaves their leases to expire, as it leaves those of attempts under way.
 
 At most `psp_concurrency` attempts run at once per processor; attempts kicked beyond that wait
@@ -58,6 +59,7 @@ class LeaseSQL:
     docstring): payment_attempts here, psp_tasks and refunds in their own modules."""
 
     claim: str
+    reclaim: str
     renew: str
     report: str
     unreport: str
@@ -86,6 +88,16 @@ UPDATE {table}
 SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
 WHERE id IN ({ordered(table, f"{pending} AND next_try_at <= now() "
                             "AND (locked_until IS NULL OR locked_until < now())")})
+RETURNING *
+""",
+            # A row handed claimed (processor/batches.py, INSERT_ATTEMPTS) whose lease may be
+            # short of a PSP call now: its lease renewed, if it is still the one handed over
+            # ($3) or has run out; not if another runner took the row meanwhile.
+            reclaim=f"""
+UPDATE {table}
+SET locked_until = now() + make_interval(secs => $2), tries = tries + 1, updated_at = now()
+WHERE id = $1 AND {pending} AND next_try_at <= now()
+  AND (locked_until IS NULL OR locked_until < now() OR locked_until = $3)
 RETURNING *
 """,
             renew=f"""
@@ -186,7 +198,7 @@ class AttemptRunner:
         self._waiting: dict[str, tuple[Any, float] | None] = {}
         self._waiting_max = 4 * settings.psp_concurrency
         # A claimed row is started as it is while its lease still covers a PSP call with room
-        # to spare; past that it is claimed again.
+        # to spare; past that its lease is renewed first (LeaseSQL.reclaim).
         self._claimed_fresh_s = (settings.psp_lease_s - settings.psp_timeout_s) / 2
         self._releasing: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -263,12 +275,14 @@ class AttemptRunner:
 
     async def _run(self, attempt_id: str, claimed: tuple[Any, float] | None = None) -> None:
         try:
-            if claimed is not None and time.monotonic() - claimed[1] < self._claimed_fresh_s:
+            if claimed is None:
+                attempt = await self._claim(attempt_id)
+            elif time.monotonic() - claimed[1] < self._claimed_fresh_s:
                 attempt = claimed[0]
             else:
-                if claimed is not None:
-                    await self._pool.execute(self.sql.release, [attempt_id])
-                attempt = await self._claim(attempt_id)
+                attempt = await self._pool.fetchrow(
+                    self.sql.reclaim, attempt_id, self._settings.psp_lease_s,
+                    claimed[0]["locked_until"])
             if attempt is None:
                 return
             with bound(request_id=attempt["request_id"], account=attempt["account_id"],

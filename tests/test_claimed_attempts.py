@@ -1,7 +1,8 @@
 """Attempts made claimed for their processor's runner (processor/batches.py, INSERT_ATTEMPTS):
 the runner starts one from the row it is handed, without a claim of its own; a row that waited
-too long for a slot is claimed again first; rows it will not start (its waiting list full, or
-it is stopping) get their leases back at once, for the sweeper."""
+too long for a slot has its lease renewed first, unless another runner took it meanwhile; rows
+it will not start (its waiting list full, or it is stopping) get their leases back at once, for
+the sweeper."""
 
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ async def test_a_claimed_row_is_run_without_a_claim(db: Database) -> None:
     await runner.stop(5.0)
 
 
-async def test_a_claimed_row_that_waited_too_long_is_claimed_again(db: Database) -> None:
+async def test_a_claimed_row_that_waited_too_long_has_its_lease_renewed(db: Database) -> None:
     psp, publisher = PSP(), Publisher()
     runner = runner_for(db, psp, publisher)
     [row] = await claimed_rows(db, 1)
@@ -136,10 +137,29 @@ async def test_a_claimed_row_that_waited_too_long_is_claimed_again(db: Database)
         return (await states(db, [row]))[row["id"]][0] == "reported"
 
     await until(reported)
-    # Its lease was given back and taken again, counting a try.
-    assert runner.claims == [row["id"]]
+    # Its lease was renewed in place, counting a try; no claim of the due rows was needed.
+    assert runner.claims == []
     assert (await states(db, [row]))[row["id"]] == ("reported", False, 2)
     assert psp.charged == [f"payonce_{row['id']}"]
+    await runner.stop(5.0)
+
+
+async def test_a_claimed_row_another_runner_took_is_left_to_it(db: Database) -> None:
+    psp, publisher = PSP(), Publisher()
+    runner = runner_for(db, psp, publisher)
+    [row] = await claimed_rows(db, 1)
+    # Its lease ran out while it waited here, and another runner claimed it.
+    taken = await db.fetchrow(
+        "UPDATE payment_attempts SET locked_until = now() + interval '30 s', tries = 2 "
+        "WHERE id = $1 RETURNING locked_until", row["id"])
+    runner._waiting[row["id"]] = (row, time.monotonic() - runner._claimed_fresh_s)
+    runner._fill()
+    await asyncio.gather(*runner._running.values())
+    assert psp.charged == [] and publisher.published == []
+    after = await db.fetchrow("SELECT state, locked_until, tries FROM payment_attempts "
+                              "WHERE id = $1", row["id"])
+    assert (after["state"], after["locked_until"], after["tries"]) == (
+        "pending", taken["locked_until"], 2)
     await runner.stop(5.0)
 
 

@@ -43,7 +43,7 @@ def assigned(sql: str) -> set[str]:
 
 
 def lease_updates(sql: LeaseSQL) -> list[str]:
-    return [sql.claim, sql.renew, sql.release]
+    return [sql.claim, sql.reclaim, sql.renew, sql.release]
 
 
 FREQUENT: dict[str, list[str]] = {
